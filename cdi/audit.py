@@ -1,0 +1,218 @@
+"""The audit a user calls: model and two image folders in, p-value, verdict and MLflow run out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import cdi
+from cdi import tracking
+from cdi.data import build_image_sets
+from cdi.errors import OptionError
+from cdi.features import FeatureConfig, extract_features, resolve_features
+from cdi.models import load_model
+from cdi.stats import DatasetInferenceTest
+
+log = logging.getLogger(__name__)
+
+TEST_NAME = "welch_one_sided"
+
+
+@dataclass
+class AuditResult:
+    """What an audit concludes, as written to `--output` and to the run's `result.json`."""
+
+    p_value: float
+    verdict: str  # "used" or "not_detected"
+    alpha: float
+    n_suspect: int
+    n_control: int
+    test: str
+    statistic: float
+    df: float
+    auc: float
+    access: str
+    features: list[str]
+    seed: int
+    folds: int
+    model_path: str
+    model_fingerprint: str
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    cdi_version: str = cdi.__version__
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extras"))
+        return data
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import lightning
+    import torch
+
+    return {
+        "version.cdi": cdi.__version__,
+        "version.torch": torch.__version__,
+        "version.diffusers": diffusers.__version__,
+        "version.lightning": lightning.__version__,
+    }
+
+
+def _check_options(alpha: float, folds: int, seed: int) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise OptionError(f"--alpha {alpha}: must lie strictly between 0 and 1 (e.g. 0.01)")
+    if folds < 2:
+        raise OptionError(f"--folds {folds}: cross-fitting needs at least 2 folds (default 5)")
+    if seed < 0:
+        raise OptionError(f"--seed {seed}: must be a non-negative integer")
+
+
+def summary_markdown(result: AuditResult) -> str:
+    if result.verdict == "used":
+        headline = (
+            f"**Verdict: used.** The suspect images score as more member-like than the control images "
+            f"(one-sided p = {result.p_value:.3g} < alpha = {result.alpha})."
+        )
+    else:
+        headline = (
+            f"**Verdict: not detected.** No significant evidence that the suspect images were used "
+            f"(one-sided p = {result.p_value:.3g} >= alpha = {result.alpha}). This is not proof of non-use."
+        )
+    return "\n".join(
+        [
+            "# CDI audit",
+            "",
+            headline,
+            "",
+            "| | |",
+            "|---|---|",
+            f"| model | `{result.model_path}` |",
+            f"| model fingerprint | `{result.model_fingerprint}` |",
+            f"| suspect / control images | {result.n_suspect} / {result.n_control} |",
+            f"| test | {result.test}, t = {result.statistic:.3f}, df = {result.df:.1f} |",
+            f"| AUC of out-of-fold scores | {result.auc:.3f} |",
+            f"| access / features | {result.access} / {len(result.features)} |",
+            f"| seed / folds | {result.seed} / {result.folds} |",
+            "",
+            "The p-value is valid only if the control images are i.i.d. with the suspect images "
+            "(same source, camera, period and processing). A distribution shift between the two sets "
+            "can produce a 'used' verdict without training.",
+        ]
+    )
+
+
+def audit(
+    model: str | Path,
+    suspect: str | Path,
+    control: str | Path,
+    *,
+    alpha: float = 0.01,
+    access: str = "white",
+    features: Sequence[str] | None = None,
+    seed: int = 0,
+    folds: int = 5,
+    batch_size: int = 16,
+    device: str = "auto",
+    allow_pickle: bool = False,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+    feature_config: FeatureConfig | None = None,
+    progress: bool = True,
+) -> AuditResult:
+    """Audit `model` for use of the `suspect` images against the `control` images."""
+    import pandas as pd
+
+    _check_options(alpha, folds, seed)
+    names = resolve_features(features, access)
+    feature_config = feature_config or FeatureConfig()
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
+
+    adapter = load_model(model, allow_pickle=allow_pickle)
+    info = adapter.info
+    suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
+    records = [*suspect_records, *control_records]
+    labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
+
+    with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}") as run_id:
+        tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting"})
+        tracking.log_params(
+            {
+                "model_path": str(Path(model).resolve()),
+                "model_fingerprint": info.fingerprint,
+                "pipeline_class": info.pipeline_class,
+                "n_suspect": len(suspect_records),
+                "n_control": len(control_records),
+                "access": access,
+                "features": list(names),
+                "seed": seed,
+                "alpha": alpha,
+                "folds": folds,
+                "test": TEST_NAME,
+                "batch_size": batch_size,
+                **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
+                **_versions(),
+            }
+        )
+        started = time.perf_counter()
+        X = extract_features(
+            adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size,
+            device=device, progress=progress,
+        )
+        extraction_s = time.perf_counter() - started
+        test = DatasetInferenceTest(n_splits=folds, alpha=alpha, random_state=seed).fit(X, labels)
+        result = AuditResult(
+            p_value=float(test.p_value_),
+            verdict=str(test.verdict_),
+            alpha=alpha,
+            n_suspect=len(suspect_records),
+            n_control=len(control_records),
+            test=TEST_NAME,
+            statistic=float(test.statistic_),
+            df=float(test.df_),
+            auc=float(test.auc_),
+            access=access,
+            features=list(names),
+            seed=seed,
+            folds=folds,
+            model_path=str(Path(model).resolve()),
+            model_fingerprint=info.fingerprint,
+            run_id=run_id,
+            tracking_uri=uri,
+            experiment=experiment,
+        )
+        table = pd.DataFrame(
+            {
+                "file_name": [r.name for r in records],
+                "path": [str(r.path) for r in records],
+                "sha256": [r.sha256 for r in records],
+                "set": [r.role for r in records],
+            }
+        )
+        table = pd.concat([table, pd.DataFrame(X, columns=list(names))], axis=1)
+        table["oof_score"] = test.scores_
+        tracking.log_metrics(
+            {
+                "p_value": result.p_value,
+                "t_statistic": result.statistic,
+                "auc": result.auc,
+                "df": result.df,
+                "mean_score_suspect": float(test.scores_[labels == 1].mean()),
+                "mean_score_control": float(test.scores_[labels == 0].mean()),
+                "extraction_seconds": extraction_s,
+                "images_per_second": len(records) / max(extraction_s, 1e-9),
+            }
+        )
+        tracking.set_tags({"cdi.verdict": result.verdict, "cdi.status": "done"})
+        tracking.log_evidence(result.to_dict(), table, summary_markdown(result))
+    log.info("audit %s: verdict %s, p = %.3g", run_id, result.verdict, result.p_value)
+    return result

@@ -1,0 +1,144 @@
+"""`cdi` command line. Thin: parse, call the library, print. User errors: one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from cdi.errors import CDIError, OptionError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option on one line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _features(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cdi", description="Was this image set used to train this diffusion model?")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    audit = commands.add_parser("audit", help="audit a model for use of a suspect image set")
+    audit.add_argument("--model", required=True, help="diffusers pipeline directory (save_pretrained output)")
+    audit.add_argument("--suspect", required=True, help="folder of published images P (suspected used)")
+    audit.add_argument("--control", required=True, help="folder of unpublished images U, same distribution")
+    audit.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    audit.add_argument("--access", choices=("gray", "white"), default="white",
+                       help="gray: 14 gradient-free features; white: all 26 (default)")
+    audit.add_argument("--features", type=_features, default=None,
+                       help="comma-separated subset of feature names (default: all for the access level)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of noise draws and folds (default 0)")
+    audit.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")
+    audit.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default 16)")
+    audit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    audit.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    audit.add_argument("--allow-pickle", action="store_true",
+                       help="allow pickle (.bin/.pt/.ckpt) weights; they can run code: only for trusted models")
+    audit.add_argument("--experiment", default="cdi-audits", help="MLflow experiment (default cdi-audits)")
+    audit.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    audit.add_argument("--output", type=Path, default=None, help="write the result JSON to this file")
+    audit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _check_output_path(path: Path | None) -> None:
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OptionError(f"--output {path}: is a directory; give a file name such as result.json")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OptionError(f"--output {path}: folder {parent} does not exist or is not writable; choose another path")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from cdi.audit import audit
+
+    _check_output_path(args.output)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = audit(
+        args.model,
+        args.suspect,
+        args.control,
+        alpha=args.alpha,
+        access=args.access,
+        features=args.features,
+        seed=args.seed,
+        folds=args.folds,
+        batch_size=args.batch_size,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        progress=not args.no_progress,
+    )
+    comparison = "<" if result.verdict == "used" else ">="
+    print(f"verdict: {result.verdict} (p = {result.p_value:.3g} {comparison} alpha = {result.alpha})")
+    print(f"suspect: {result.n_suspect} images, control: {result.n_control} images, access: {result.access}")
+    print(f"run: {result.run_id} (tracking URI {result.tracking_uri}, experiment {result.experiment})")
+    if args.output is not None:
+        args.output.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        print(f"result: {args.output}")
+    return 0
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep the output to cdi's own lines; --verbose shows what the libraries say."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")
+    # Import first: these libraries set their own logger levels at import time.
+    import diffusers
+    import lightning  # noqa: F401
+    import mlflow  # noqa: F401
+
+    diffusers.utils.logging.set_verbosity_error()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        if args.command == "audit":
+            return run_audit(args)
+    except CDIError as exc:
+        sys.stderr.write(f"cdi: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("cdi: interrupted\n")
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

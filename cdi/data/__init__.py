@@ -1,0 +1,23 @@
+"""Image sets: discovery, decoding, resizing, hashing, labels and captions."""
+
+from __future__ import annotations
+
+from cdi.data.images import (
+    IMAGE_SUFFIXES,
+    MIN_SET_SIZE,
+    ImageDataset,
+    ImageRecord,
+    build_image_sets,
+    discover_images,
+    load_image,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MIN_SET_SIZE",
+    "ImageDataset",
+    "ImageRecord",
+    "build_image_sets",
+    "discover_images",
+    "load_image",
+]

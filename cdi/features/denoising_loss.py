@@ -1,0 +1,20 @@
+"""Denoising loss (DL): mean over R noise draws of ||eps_hat(q(z0, t, eps_r), t) - eps_r||_2. Lower = member."""
+
+from __future__ import annotations
+
+from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, l2
+from cdi.features.noise import image_noise
+from cdi.models.base import DiffusionAdapter
+
+
+class DenoisingLoss(FeatureFamily):
+    names = ("DL",)
+    access = "gray"
+
+    def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
+        t = adapter.timestep(self.config.dl_t)
+        total = 0.0
+        for draw in range(self.config.dl_draws):
+            eps = image_noise(batch.z0, batch.sha256, batch.seed, "DL", self.config.dl_t, draw)
+            total = total + l2(adapter.eps_hat(adapter.q(batch.z0, t, eps), t, batch.cond) - eps)
+        return FeatureOutput({"DL": total / self.config.dl_draws})

@@ -1,0 +1,66 @@
+"""Multiple loss (ML_t) and gradient masking (GM_t) over t = 0, 100, ..., 900, one shared noise draw.
+
+ML_t = ||eps_hat(z_t, t) - eps||_2 with z_t = q(z0, t, eps).
+GM_t (CDI paper):
+  a) g = d ||eps_hat(z_t, t) - eps||_2 / d z_t, per image (the batch loss is a sum of per-image
+     losses, so each image's gradient is its own);
+  b) M = the floor(ratio * D) entries of largest |g| per image (D = C*h*w);
+  c) z_m = M * eps + (1 - M) * z0 (the reference code's form: the clean z0 outside the mask);
+  d) GM_t = ||M * (eps - z0) - M * eps_hat(z_m, t)||_2.
+ML_t is exactly the forward of step a), so `GradientMasking` yields ML_t at no extra cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, l2
+from cdi.features.noise import image_noise
+from cdi.models.base import DiffusionAdapter
+
+SHARED_NOISE = "GM_ML"
+
+
+def top_fraction_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Per image, 1 on the floor(ratio * D) entries of largest |scores|, 0 elsewhere."""
+    flat = scores.abs().flatten(1)
+    k = int(ratio * flat.shape[1])
+    mask = torch.zeros_like(flat)
+    if k > 0:
+        mask.scatter_(1, flat.topk(k, dim=1).indices, 1.0)
+    return mask.view_as(scores)
+
+
+class MultipleLoss(FeatureFamily):
+    names = tuple(f"ML_{t}" for t in range(0, 1000, 100))
+    access = "gray"
+
+    def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
+        eps = image_noise(batch.z0, batch.sha256, batch.seed, SHARED_NOISE)
+        out = {}
+        for t_ref in self.config.multi_timesteps:
+            t = adapter.timestep(t_ref)
+            out[f"ML_{t_ref}"] = l2(adapter.eps_hat(adapter.q(batch.z0, t, eps), t, batch.cond) - eps)
+        return FeatureOutput(out)
+
+
+class GradientMasking(FeatureFamily):
+    names = (*(f"GM_{t}" for t in range(0, 1000, 100)), *MultipleLoss.names)
+    access = "white"
+
+    def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
+        z0 = batch.z0
+        eps = image_noise(z0, batch.sha256, batch.seed, SHARED_NOISE)
+        out = {}
+        for t_ref in self.config.multi_timesteps:
+            t = adapter.timestep(t_ref)
+            with torch.enable_grad():
+                z_t = adapter.q(z0, t, eps).detach().requires_grad_(True)
+                loss = l2(adapter.eps_hat(z_t, t, batch.cond) - eps)
+                (grad,) = torch.autograd.grad(loss.sum(), z_t)
+            out[f"ML_{t_ref}"] = loss.detach()
+            mask = top_fraction_mask(grad, self.config.gm_mask_ratio)
+            with torch.no_grad():
+                z_m = mask * eps + (1 - mask) * z0
+                out[f"GM_{t_ref}"] = l2(mask * (eps - z0) - mask * adapter.eps_hat(z_m, t, batch.cond))
+        return FeatureOutput(out)

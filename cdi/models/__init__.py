@@ -1,0 +1,33 @@
+"""Model adapters, chosen from a pipeline directory's model_index.json."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cdi.errors import ModelError
+from cdi.models.base import DiffusionAdapter, ModelInfo
+from cdi.models.loading import fingerprint, read_model_index
+from cdi.models.pixel_unet import PIPELINE_CLASSES as _PIXEL_PIPELINES
+from cdi.models.pixel_unet import PixelUNetAdapter
+
+ADAPTERS: dict[str, type[DiffusionAdapter]] = {name: PixelUNetAdapter for name in _PIXEL_PIPELINES}
+
+
+def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> DiffusionAdapter:
+    """Load the suspect model at `path` (a diffusers pipeline directory), weights frozen, on the CPU."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a suspect's model never triggers a download
+    root = Path(path)
+    index = read_model_index(root)
+    pipeline_class = index.get("_class_name", "")
+    adapter_cls = ADAPTERS.get(pipeline_class)
+    if adapter_cls is None:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise ModelError(
+            f"{root / 'model_index.json'}: pipeline class {pipeline_class!r} is not supported; supported: {supported}"
+        )
+    digest, files = fingerprint(root)
+    return adapter_cls.load(root, index, digest, files, allow_pickle)
+
+
+__all__ = ["ADAPTERS", "DiffusionAdapter", "ModelInfo", "load_model"]

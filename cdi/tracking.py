@@ -1,0 +1,111 @@
+"""How an audit is laid out in MLflow. The only module that talks to MLflow.
+
+One run per audit, in experiment `cdi-audits` unless told otherwise:
+- params: model path and fingerprint, set sizes, access level, features, seed, alpha, folds,
+  the feature configuration (`feature.*`) and the versions of cdi, torch, diffusers, lightning;
+- metrics: `p_value`, `t_statistic`, `auc`, ...;
+- artifacts: `features.csv` (one row per image), `result.json`, `summary.md`;
+- tags: `cdi.verdict`, `cdi.model_fingerprint`, and the Markdown description (`mlflow.note.content`).
+When started by `mlflow run`, the audit logs into the project's run (MLFLOW_RUN_ID).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from cdi.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "cdi-audits"
+NOTE_TAG = "mlflow.note.content"
+
+
+def resolve_tracking_uri(option: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    return option or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def connect(tracking_uri: str, experiment: str) -> str:
+    """Point MLflow at `tracking_uri` and make sure it answers; return the experiment id.
+
+    Called before any model pass so an unreachable server fails fast.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        if os.environ.get("MLFLOW_RUN_ID"):
+            return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+        found = mlflow.get_experiment_by_name(experiment)
+        return found.experiment_id if found else mlflow.create_experiment(experiment)
+    except (MlflowException, OSError, ConnectionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(
+            f"--tracking-uri {tracking_uri}: cannot use the tracking store ({first}); "
+            "start the server or pass a reachable URI"
+        ) from exc
+
+
+@contextmanager
+def audit_run(tracking_uri: str, experiment: str, run_name: str | None = None) -> Iterator[str]:
+    """Open the audit's run (or the `mlflow run` project's run); FAILED if the audit raises."""
+    import mlflow
+
+    experiment_id = connect(tracking_uri, experiment)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        active = mlflow.start_run(run_id=run_id)
+    else:
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    try:
+        yield active.info.run_id
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(dict(tags))
+
+
+def log_evidence(result: Mapping[str, Any], table: "Any", summary_markdown: str) -> None:
+    """Log the per-image table, the result JSON and the Markdown description of the verdict."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        table.to_csv(folder / "features.csv", index=False)
+        (folder / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+        (folder / "summary.md").write_text(summary_markdown)
+        mlflow.log_artifacts(str(folder))
+    mlflow.set_tag(NOTE_TAG, summary_markdown)
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
