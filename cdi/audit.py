@@ -134,12 +134,11 @@ def audit(
     _check_options(alpha, folds, seed)
     names = resolve_features(features, access)
     feature_config = feature_config or FeatureConfig()
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
-
     adapter = load_model(model, allow_pickle=allow_pickle)
     info = adapter.info
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
     records = [*suspect_records, *control_records]
     labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
 

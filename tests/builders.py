@@ -1,0 +1,43 @@
+"""Builders of tiny diffusers pipelines and image folders, offline (shared by tests and conftest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def tiny_unet(channels: int = 3, size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )
+
+
+def save_pipeline(path: Path, unet, scheduler_cls: str = "DDPMScheduler", safe: bool = True, **scheduler_kwargs) -> Path:
+    import diffusers
+
+    scheduler = getattr(diffusers, scheduler_cls)(num_train_timesteps=1000, **scheduler_kwargs)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path, safe_serialization=safe)
+    return path
+
+
+def write_images(folder: Path, n: int, size: int = 8, seed: int = 0, prefix: str = "img", mode: str = "RGB") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(folder / f"{prefix}_{i:03d}.png")
+    return folder

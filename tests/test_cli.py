@@ -1,0 +1,141 @@
+"""`cdi audit` end to end on a tiny model: exit codes, result JSON, the MLflow run; user errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from cdi.cli import main
+
+from builders import save_pipeline, tiny_unet, write_images
+
+REQUIRED_KEYS = {
+    "p_value", "verdict", "alpha", "n_suspect", "n_control", "test", "statistic", "access",
+    "features", "model_fingerprint", "run_id", "tracking_uri",
+}
+
+
+def audit_args(model, suspect, control, *extra):
+    return ["audit", "--model", str(model), "--suspect", str(suspect), "--control", str(control),
+            "--no-progress", "--batch-size", "12", *extra]
+
+
+def test_audit_writes_result_json_and_a_complete_mlflow_run(tiny_model, image_sets, tracking_uri, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = main(audit_args(tiny_model, *image_sets, "--output", str(out), "--experiment", "unit", "--seed", "2"))
+    assert code == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert REQUIRED_KEYS <= set(result)
+    assert result["verdict"] in ("used", "not_detected")
+    assert result["verdict"] == ("used" if result["p_value"] < 0.01 else "not_detected")
+    assert (result["n_suspect"], result["n_control"], result["access"]) == (12, 12, "white")
+    assert len(result["features"]) == 26 and result["tracking_uri"] == tracking_uri
+    assert f"verdict: {result['verdict']}" in printed and result["run_id"] in printed
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "unit"
+    assert run.data.metrics["p_value"] == pytest.approx(result["p_value"])
+    assert {"t_statistic", "auc"} <= set(run.data.metrics)
+    params = run.data.params
+    assert params["model_fingerprint"] == result["model_fingerprint"]
+    assert (params["n_suspect"], params["access"], params["seed"], params["alpha"], params["folds"]) == (
+        "12", "white", "2", "0.01", "5")
+    assert {"version.cdi", "version.torch", "version.diffusers"} <= set(params)
+    assert run.data.tags["cdi.verdict"] == result["verdict"]
+    assert run.data.tags["cdi.model_fingerprint"] == result["model_fingerprint"]
+    assert "Verdict" in run.data.tags["mlflow.note.content"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"features.csv", "result.json", "summary.md"} <= artifacts
+    table = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/features.csv").splitlines()
+    header = table[0].split(",")
+    assert header[:4] == ["file_name", "path", "sha256", "set"] and header[-1] == "oof_score"
+    assert "NO_delta" in header and len(table) == 25
+
+
+def test_gray_access_computes_the_14_gradient_free_features(tiny_model, image_sets, tracking_uri, tmp_path):
+    out = tmp_path / "gray.json"
+    assert main(audit_args(tiny_model, *image_sets, "--access", "gray", "--output", str(out))) == 0
+    features = json.loads(out.read_text())["features"]
+    assert len(features) == 14 and not any(f.startswith(("GM_", "NO_")) for f in features)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("bad")
+    good_p = write_images(root / "p", 12, seed=1, prefix="p")
+    good_u = write_images(root / "u", 12, seed=2, prefix="u")
+    few = write_images(root / "few", 5, seed=3, prefix="f")
+    (root / "empty").mkdir()
+    broken = write_images(root / "broken", 12, seed=4, prefix="b")
+    (broken / "b_005.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    overlap = write_images(root / "overlap", 12, seed=5, prefix="o")
+    shutil.copy(good_p / "p_000.png", overlap / "dup.png")
+    pickled = save_pipeline(root / "pickled", tiny_unet(), safe=False)
+    unsupported = root / "unsupported"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text(json.dumps({"_class_name": "StableCascadePipeline"}))
+    return root, good_p, good_u, few, broken, overlap, pickled, unsupported
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_index", "no model_index.json"),
+        ("unsupported", "StableCascadePipeline"),
+        ("pickle", "--allow-pickle"),
+        ("empty", "no images found"),
+        ("few", "at least 10"),
+        ("broken", "b_005.png"),
+        ("overlap", "both sets"),
+        ("alpha", "--alpha"),
+        ("feature", "unknown feature"),
+        ("output", "--output"),
+        ("bad_option", "--batch-size"),
+    ],
+)
+def test_user_errors_get_one_line_and_exit_code_2(case, expected, bad_inputs, tiny_model, tracking_uri, capsys):
+    root, p, u, few, broken, overlap, pickled, unsupported = bad_inputs
+    args = {
+        "no_index": audit_args(root, p, u),
+        "unsupported": audit_args(unsupported, p, u),
+        "pickle": audit_args(pickled, p, u),
+        "empty": audit_args(tiny_model, p, root / "empty"),
+        "few": audit_args(tiny_model, few, u),
+        "broken": audit_args(tiny_model, broken, u),
+        "overlap": audit_args(tiny_model, p, overlap),
+        "alpha": audit_args(tiny_model, p, u, "--alpha", "1.5"),
+        "feature": audit_args(tiny_model, p, u, "--features", "DL,XYZ"),
+        "output": audit_args(tiny_model, p, u, "--output", str(root / "nope" / "r.json")),
+        "bad_option": audit_args(tiny_model, p, u, "--batch-size", "zero"),
+    }[case] + ["--experiment", f"errors-{case}"]
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse rejects malformed options before main's handler
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert expected in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    # a user error never leaves a finished audit run behind
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(f"errors-{case}")
+    if experiment is not None:
+        assert not [r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FINISHED"]
+
+
+def test_console_script_prints_no_traceback_on_user_error(tmp_path, tracking_uri):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cdi.cli", "audit", "--model", str(tmp_path), "--suspect", str(tmp_path),
+         "--control", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("cdi: error:") and "Traceback" not in proc.stderr
