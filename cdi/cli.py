@@ -23,13 +23,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _count(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def _count(text: str) -> int:
+    """Integer option; MLflow passes numeric project parameters as floats such as '2.0'."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    return int(value)
 
 
 def _features(text: str) -> list[str]:
@@ -50,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gray: 14 gradient-free features; white: all 26 (default)")
     audit.add_argument("--features", type=_features, default=None,
                        help="comma-separated subset of feature names (default: all for the access level)")
-    audit.add_argument("--seed", type=int, default=0, help="seed of noise draws and folds (default 0)")
-    audit.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")
+    audit.add_argument("--seed", type=_count, default=0, help="seed of noise draws and folds (default 0)")
+    audit.add_argument("--folds", type=_count, default=5, help="cross-fitting folds (default 5)")
     audit.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default 16)")
     audit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    audit.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    audit.add_argument("--threads", type=_count, default=0, help="CPU threads for torch (default 0: torch's choice)")
     audit.add_argument("--allow-pickle", action="store_true",
                        help="allow pickle (.bin/.pt/.ckpt) weights; they can run code: only for trusted models")
     audit.add_argument("--experiment", default="cdi-audits", help="MLflow experiment (default cdi-audits)")
@@ -79,6 +87,8 @@ def run_audit(args: argparse.Namespace) -> int:
     from cdi.audit import audit
 
     _check_output_path(args.output)
+    if args.threads < 0:
+        raise OptionError(f"--threads {args.threads}: must be 0 (torch's default) or a positive count")
     if args.threads:
         import torch
 
