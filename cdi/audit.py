@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,7 +13,7 @@ import cdi
 from cdi import tracking
 from cdi.data import build_image_sets
 from cdi.errors import OptionError
-from cdi.features import FeatureConfig, extract_features, resolve_features
+from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.models import load_model
 from cdi.stats import DatasetInferenceTest
 
@@ -127,6 +126,12 @@ def audit(
     tracking_uri: str | None = None,
     feature_config: FeatureConfig | None = None,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "auto",
 ) -> AuditResult:
     """Audit `model` for use of the `suspect` images against the `control` images."""
     import pandas as pd
@@ -158,16 +163,19 @@ def audit(
                 "folds": folds,
                 "test": TEST_NAME,
                 "batch_size": batch_size,
+                "devices": devices,
+                "num_nodes": num_nodes,
+                "precision": precision,
                 **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
                 **_versions(),
             }
         )
-        started = time.perf_counter()
-        X = extract_features(
-            adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size,
-            device=device, progress=progress,
+        extraction = extract(
+            adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
+            progress=progress, cache_dir=cache_dir, use_cache=use_cache, devices=devices, num_nodes=num_nodes,
+            strategy=strategy, precision=precision,
         )
-        extraction_s = time.perf_counter() - started
+        X = extraction.values
         test = DatasetInferenceTest(n_splits=folds, alpha=alpha, random_state=seed).fit(X, labels)
         result = AuditResult(
             p_value=float(test.p_value_),
@@ -207,8 +215,11 @@ def audit(
                 "df": result.df,
                 "mean_score_suspect": float(test.scores_[labels == 1].mean()),
                 "mean_score_control": float(test.scores_[labels == 0].mean()),
-                "extraction_seconds": extraction_s,
-                "images_per_second": len(records) / max(extraction_s, 1e-9),
+                "extraction_seconds": extraction.seconds,
+                "cache_hits": extraction.cache_hits,
+                "cache_misses": extraction.cache_misses,
+                **({"images_per_second": extraction.images_per_second} if extraction.cache_misses else {}),
+                **{f"seconds.{family}": sec for family, sec in extraction.family_seconds.items()},
             }
         )
         tracking.set_tags({"cdi.verdict": result.verdict, "cdi.status": "done"})

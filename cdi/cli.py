@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--folds", type=_count, default=5, help="cross-fitting folds (default 5)")
     audit.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default 16)")
     audit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    audit.add_argument("--devices", type=_positive_int, default=1, help="devices per node (Lightning), default 1")
+    audit.add_argument("--num-nodes", type=_positive_int, default=1, help="nodes (Lightning), default 1")
+    audit.add_argument("--strategy", default="auto",
+                       help="Lightning strategy; default ddp_spawn when several devices, else single device")
+    audit.add_argument("--precision", choices=("auto", "32", "bf16", "16"), default="auto",
+                       help="autocast on CUDA (auto: bf16 where supported); features are kept in float32")
+    audit.add_argument("--cache-dir", default=None,
+                       help="feature cache folder (default $CDI_CACHE_DIR, else ~/.cache/cdi/features)")
+    audit.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     audit.add_argument("--threads", type=_count, default=0, help="CPU threads for torch (default 0: torch's choice)")
     audit.add_argument("--allow-pickle", action="store_true",
                        help="allow pickle (.bin/.pt/.ckpt) weights; they can run code: only for trusted models")
@@ -108,6 +117,12 @@ def run_audit(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
         progress=not args.no_progress,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=args.precision,
     )
     comparison = "<" if result.verdict == "used" else ">="
     print(f"verdict: {result.verdict} (p = {result.p_value:.3g} {comparison} alpha = {result.alpha})")

@@ -11,6 +11,13 @@ import torch
 from builders import save_pipeline, tiny_unet, write_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_in_tmp(tmp_path_factory):
+    """Tests never write to the user's cache directory."""
+    os.environ["CDI_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -10,7 +10,7 @@ from cdi.features.base import (
     FeatureFamily,
     FeatureOutput,
 )
-from cdi.features.extraction import FeatureExtractor, extract_features
+from cdi.features.extraction import ExtractionReport, FeatureExtractor, extract, extract_features
 from cdi.features.registry import FAMILIES, features_for_access, plan_families, resolve_features
 
 __all__ = [
@@ -19,9 +19,11 @@ __all__ = [
     "GRAY_BOX_FEATURES",
     "FeatureBatch",
     "FeatureConfig",
+    "ExtractionReport",
     "FeatureExtractor",
     "FeatureFamily",
     "FeatureOutput",
+    "extract",
     "extract_features",
     "features_for_access",
     "plan_families",

@@ -1,9 +1,26 @@
-"""Feature extraction as a Lightning module: one encode per image, the planned families per batch."""
+"""Feature extraction as a Lightning module: one encode per image, every planned family per batch.
+
+How work is laid out, so that results never depend on how they were computed:
+- images are deduplicated by sha256, the ones missing from the cache are sorted by sha256 and cut
+  into batches of `batch_size`; batch i goes to rank i mod world size. A batch has the same
+  composition whatever the number of processes, so 2 processes give the same bits as 1;
+- each rank writes every finished batch to the feature cache as its own shard (atomic rename);
+  the caller merges shards by sha256. A killed extraction resumes at the first unfinished batch;
+- noise is seeded per image (see `cdi.features.noise`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Sequence
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -12,39 +29,138 @@ import torch
 from cdi.data.images import ImageDataset, ImageRecord
 from cdi.errors import FeatureError, OptionError
 from cdi.features.base import FeatureBatch, FeatureConfig
+from cdi.features.cache import FeatureCache, default_cache_dir
 from cdi.features.registry import plan_families
 from cdi.models.base import DiffusionAdapter
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("auto", "32", "bf16", "16")
+
+
+class RankBatchSampler(torch.utils.data.Sampler):
+    """Fixed batches of consecutive indices; batch i belongs to rank i mod world size."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+    def _mine(self) -> list[list[int]]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            return self.batches[rank::world]
+        return self.batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
 
 class FeatureExtractor(L.LightningModule):
-    """`predict_step` returns the requested features (float32) of every image in the batch."""
+    """`predict_step` computes the requested features of a batch and stores them in the cache."""
 
-    def __init__(self, adapter: DiffusionAdapter, names: Sequence[str], config: FeatureConfig, seed: int) -> None:
+    def __init__(
+        self,
+        adapter: DiffusionAdapter,
+        names: Sequence[str],
+        config: FeatureConfig,
+        seed: int,
+        cache_root: str | None = None,
+        precision: str = "32",
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         self.adapter = adapter
         self.names = tuple(names)
         self.config = config
         self.seed = int(seed)
+        self.cache_root = cache_root
+        self.precision = precision
+        self.channels_last = channels_last
         self.families = plan_families(self.names, config)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def on_predict_start(self) -> None:
+        if self.channels_last:
+            self.adapter.to(memory_format=torch.channels_last)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision in ("bf16", "16") and self.device.type == "cuda":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(device_type="cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Features (B, len(names)) in float32 and the seconds spent per family."""
         labels = [None if int(label) < 0 else int(label) for label in batch["label"]]
         captions = [caption or None for caption in batch["caption"]]
-        with torch.no_grad():
-            z0 = self.adapter.encode(batch["image"])
-        features = FeatureBatch(
-            z0=z0.detach(),
-            cond=self.adapter.condition(labels, captions),
-            sha256=list(batch["sha256"]),
-            seed=self.seed,
-        )
-        values: dict[str, torch.Tensor] = {}
-        for family in self.families:
-            values.update(family.compute(self.adapter, features).values)
-        matrix = torch.stack([values[name].float() for name in self.names], dim=1)
-        return {"index": batch["index"].cpu(), "features": matrix.detach().cpu()}
+        images = batch["image"]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        seconds: dict[str, float] = {}
+        with self._autocast():
+            started = time.perf_counter()
+            with torch.no_grad():
+                z0 = self.adapter.encode(images).float()
+            seconds["encode"] = time.perf_counter() - started
+            features = FeatureBatch(
+                z0=z0.detach(), cond=self.adapter.condition(labels, captions), sha256=list(batch["sha256"]),
+                seed=self.seed,
+            )
+            values: dict[str, torch.Tensor] = {}
+            for family in self.families:
+                started = time.perf_counter()
+                values.update(family.compute(self.adapter, features).values)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[type(family).__name__] = time.perf_counter() - started
+        matrix = torch.stack([values[name].float() for name in self.names], dim=1).detach()
+        return matrix, seconds
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        matrix, seconds = self.compute(batch)
+        values = matrix.cpu().numpy()
+        if self.cache_root is not None:
+            FeatureCache(Path(self.cache_root)).write(batch["sha256"], self.names, values, seconds)
+        return {"n": len(batch["sha256"]), "seconds": seconds}
+
+
+class ImagesPerSecondBar(L.Callback):
+    """A tqdm bar counted in images, with images/s and ETA."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="img", desc="features", dynamic_ncols=True)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.bar is not None:
+            self.bar.update(outputs["n"] * trainer.world_size)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class ExtractionReport:
+    """Features of the requested images plus what it took to get them."""
+
+    values: np.ndarray
+    cache_hits: int
+    cache_misses: int
+    seconds: float
+    family_seconds: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.cache_misses / self.seconds if self.seconds > 0 else math.inf
 
 
 def resolve_device(device: str) -> str:
@@ -57,7 +173,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def extract_features(
+def resolve_precision(precision: str, device: str) -> str:
+    if precision not in PRECISIONS:
+        raise OptionError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "16"
+        return "32"
+    return precision
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def extract(
     adapter: DiffusionAdapter,
     records: Sequence[ImageRecord],
     names: Sequence[str],
@@ -66,33 +196,116 @@ def extract_features(
     batch_size: int = 16,
     device: str = "auto",
     progress: bool = True,
-) -> np.ndarray:
-    """Features of `records` in their order, shape (len(records), len(names)), float64."""
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "auto",
+    channels_last: bool | None = None,
+) -> ExtractionReport:
+    """Features of `records`, in their order, with cache statistics and timings."""
     if batch_size < 1:
         raise OptionError(f"--batch-size {batch_size}: must be a positive integer")
+    if devices < 1 or num_nodes < 1:
+        raise OptionError("--devices and --num-nodes must be positive integers")
     config = config or FeatureConfig()
+    accelerator = resolve_device(device)
+    precision = resolve_precision(precision, accelerator)
+    channels_last = accelerator == "cuda" if channels_last is None else channels_last
+    names = tuple(names)
+
+    scratch = None
+    if use_cache:
+        cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    else:
+        scratch = tempfile.mkdtemp(prefix="cdi-features-")
+        cache_root = Path(scratch)
+    cache = FeatureCache.open(cache_root, adapter.info.fingerprint, config.to_dict(), seed)
+    try:
+        unique = sorted({record.sha256: record for record in records}.items())
+        cached = cache.load([digest for digest, _ in unique], names)
+        todo = [record for digest, record in unique if digest not in cached]
+        log.info("feature cache %s: %d hit(s), %d miss(es)", cache.root, len(unique) - len(todo), len(todo))
+        started = time.perf_counter()
+        family_seconds: dict[str, float] = {}
+        while todo:
+            try:
+                family_seconds = _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress,
+                                          cache, devices, num_nodes, strategy, precision, channels_last)
+                break
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                if not _is_out_of_memory(exc) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                log.warning("out of memory: retrying with batch size %d (finished batches are kept)", batch_size)
+                if accelerator == "cuda":
+                    torch.cuda.empty_cache()
+                done = cache.load([r.sha256 for r in todo], names)
+                todo = [r for r in todo if r.sha256 not in done]
+        seconds = time.perf_counter() - started
+        rows = cache.load([digest for digest, _ in unique], names)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    missing = [record for record in records if record.sha256 not in rows]
+    if missing:
+        raise FeatureError(f"{missing[0].path}: no features were produced ({len(missing)} image(s)); rerun to resume")
+    values = np.stack([rows[record.sha256] for record in records])
+    _check_finite(values, records, names)
+    return ExtractionReport(
+        values=values,
+        cache_hits=len(cached),
+        cache_misses=len(unique) - len(cached),
+        seconds=seconds,
+        family_seconds=family_seconds,
+        batch_size=batch_size,
+    )
+
+
+def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
+             strategy, precision, channels_last) -> dict[str, float]:
     info = adapter.info
-    dataset = ImageDataset(records, info.image_size, info.image_channels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    module = FeatureExtractor(adapter, names, config, seed)
+    dataset = ImageDataset(todo, info.image_size, info.image_channels)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=RankBatchSampler(len(dataset), batch_size), num_workers=0
+    )
+    module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last)
+    if strategy == "auto" and devices * num_nodes > 1:
+        strategy = "ddp_spawn"  # works from any entry point, the CLI included
+    callbacks = [ImagesPerSecondBar(len(todo))] if progress else []
     trainer = L.Trainer(
-        accelerator="gpu" if resolve_device(device) == "cuda" else "cpu",
-        devices=1,
+        accelerator="gpu" if accelerator == "cuda" else "cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,  # RankBatchSampler distributes whole batches
         inference_mode=False,  # GM and NO need input gradients; gradient-free work runs under no_grad
+        callbacks=callbacks,
     )
-    outputs = trainer.predict(module, dataloaders=loader, return_predictions=True)
-    result = np.full((len(records), len(names)), np.nan)
+    outputs = trainer.predict(module, dataloaders=loader, return_predictions=True) or []
+    totals: dict[str, float] = {}
     for out in outputs:
-        result[out["index"].numpy()] = out["features"].numpy().astype(np.float64)
-    bad_rows = np.where(~np.isfinite(result).all(axis=1))[0]
+        for family, sec in out["seconds"].items():
+            totals[family] = totals.get(family, 0.0) + sec
+    return totals
+
+
+def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], names: Sequence[str]) -> None:
+    bad_rows = np.where(~np.isfinite(values).all(axis=1))[0]
     if len(bad_rows):
-        bad_cols = [names[j] for j in np.where(~np.isfinite(result[bad_rows[0]]))[0]]
+        bad_cols = [names[j] for j in np.where(~np.isfinite(values[bad_rows[0]]))[0]]
         raise FeatureError(
             f"{records[bad_rows[0]].path}: non-finite feature(s) {', '.join(bad_cols)} "
             f"({len(bad_rows)} image(s) affected); check the image and the model's weights"
         )
-    return result
+
+
+def extract_features(adapter: DiffusionAdapter, records: Sequence[ImageRecord], names: Sequence[str],
+                     **options) -> np.ndarray:
+    """Just the feature matrix, shape (len(records), len(names)); see `extract` for the options."""
+    return extract(adapter, records, names, **options).values

@@ -20,21 +20,21 @@ def setup(tiny_model, image_sets):
 
 def test_features_do_not_depend_on_batch_size_order_or_batch_mates(setup):
     adapter, records = setup
-    reference = extract_features(adapter, records, FEATURE_NAMES, seed=5, batch_size=7, progress=False)
+    reference = extract_features(adapter, records, FEATURE_NAMES, seed=5, batch_size=7, progress=False, use_cache=False)
     assert reference.shape == (24, 26) and np.isfinite(reference).all()
-    one_by_one = extract_features(adapter, records[::-1], FEATURE_NAMES, seed=5, batch_size=1, progress=False)[::-1]
+    one_by_one = extract_features(adapter, records[::-1], FEATURE_NAMES, seed=5, batch_size=1, progress=False, use_cache=False)[::-1]
     np.testing.assert_allclose(one_by_one, reference, rtol=1e-5, atol=1e-5)
-    subset = extract_features(adapter, records[3:9], FEATURE_NAMES, seed=5, batch_size=4, progress=False)
+    subset = extract_features(adapter, records[3:9], FEATURE_NAMES, seed=5, batch_size=4, progress=False, use_cache=False)
     np.testing.assert_allclose(subset, reference[3:9], rtol=1e-5, atol=1e-5)
 
 
 def test_seed_changes_noise_draws_and_gray_access_is_a_column_subset(setup):
     adapter, records = setup
-    white = extract_features(adapter, records[:6], FEATURE_NAMES, seed=0, batch_size=6, progress=False)
-    gray = extract_features(adapter, records[:6], GRAY_BOX_FEATURES, seed=0, batch_size=6, progress=False)
+    white = extract_features(adapter, records[:6], FEATURE_NAMES, seed=0, batch_size=6, progress=False, use_cache=False)
+    gray = extract_features(adapter, records[:6], GRAY_BOX_FEATURES, seed=0, batch_size=6, progress=False, use_cache=False)
     columns = [FEATURE_NAMES.index(n) for n in GRAY_BOX_FEATURES]
     np.testing.assert_allclose(gray, white[:, columns], rtol=1e-5, atol=1e-5)
-    other_seed = extract_features(adapter, records[:6], GRAY_BOX_FEATURES, seed=1, batch_size=6, progress=False)
+    other_seed = extract_features(adapter, records[:6], GRAY_BOX_FEATURES, seed=1, batch_size=6, progress=False, use_cache=False)
     assert not np.allclose(other_seed[:, 0], gray[:, 0])  # DL uses fresh noise under another seed
 
 
