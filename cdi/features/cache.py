@@ -52,9 +52,9 @@ class FeatureCache:
         return cls(root)
 
     def write(self, sha256: Sequence[str], names: Sequence[str], values: np.ndarray,
-              seconds: dict[str, float] | None = None) -> Path:
+              seconds: dict[str, float] | None = None, session: str = "") -> Path:
         """Store one finished batch atomically (with the seconds each family took, for reports)."""
-        path = self.root / f"shard-{uuid.uuid4().hex}.npz"
+        path = self.root / f"shard-{session}{uuid.uuid4().hex}.npz"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as handle:
             np.savez(handle, sha256=np.asarray(list(sha256)), names=np.asarray(list(names)),
@@ -84,6 +84,16 @@ class FeatureCache:
             if all(name in by_name for name in names):
                 rows[digest] = np.array([by_name[name] for name in names], dtype=np.float64)
         return rows
+
+
+    def seconds(self, session: str) -> dict[str, float]:
+        """Seconds per family summed over the shards one extraction session wrote (all ranks)."""
+        totals: dict[str, float] = {}
+        for shard in self.root.glob(f"shard-{session}*.npz"):
+            with np.load(shard) as data:
+                for family, sec in json.loads(str(data["seconds"])).items():
+                    totals[family] = totals.get(family, 0.0) + sec
+        return totals
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -69,6 +69,8 @@ class FeatureExtractor(L.LightningModule):
         cache_root: str | None = None,
         precision: str = "32",
         channels_last: bool = False,
+        session: str = "",
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         self.adapter = adapter
@@ -78,11 +80,19 @@ class FeatureExtractor(L.LightningModule):
         self.cache_root = cache_root
         self.precision = precision
         self.channels_last = channels_last
+        self.session = session
+        self.threads = threads
         self.families = plan_families(self.names, config)
 
     def on_predict_start(self) -> None:
+        self._threads_before = torch.get_num_threads()
+        if self.threads:  # Lightning's CPU DDP picks its own count; kernels (and bits) depend on it
+            torch.set_num_threads(self.threads)
         if self.channels_last:
             self.adapter.to(memory_format=torch.channels_last)
+
+    def on_predict_end(self) -> None:
+        torch.set_num_threads(self._threads_before)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in ("bf16", "16") and self.device.type == "cuda":
@@ -121,8 +131,8 @@ class FeatureExtractor(L.LightningModule):
         matrix, seconds = self.compute(batch)
         values = matrix.cpu().numpy()
         if self.cache_root is not None:
-            FeatureCache(Path(self.cache_root)).write(batch["sha256"], self.names, values, seconds)
-        return {"n": len(batch["sha256"]), "seconds": seconds}
+            FeatureCache(Path(self.cache_root)).write(batch["sha256"], self.names, values, seconds, self.session)
+        return {"n": len(batch["sha256"])}
 
 
 class ImagesPerSecondBar(L.Callback):
@@ -203,6 +213,7 @@ def extract(
     strategy: str = "auto",
     precision: str = "auto",
     channels_last: bool | None = None,
+    threads: int | None = None,
 ) -> ExtractionReport:
     """Features of `records`, in their order, with cache statistics and timings."""
     if batch_size < 1:
@@ -232,7 +243,7 @@ def extract(
         while todo:
             try:
                 family_seconds = _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress,
-                                          cache, devices, num_nodes, strategy, precision, channels_last)
+                                          cache, devices, num_nodes, strategy, precision, channels_last, threads)
                 break
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
                 if not _is_out_of_memory(exc) or batch_size == 1:
@@ -264,13 +275,15 @@ def extract(
 
 
 def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
-             strategy, precision, channels_last) -> dict[str, float]:
+             strategy, precision, channels_last, threads) -> dict[str, float]:
     info = adapter.info
     dataset = ImageDataset(todo, info.image_size, info.image_channels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=RankBatchSampler(len(dataset), batch_size), num_workers=0
     )
-    module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last)
+    session = f"{uuid.uuid4().hex[:8]}-"
+    module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last, session,
+                              threads)
     if strategy == "auto" and devices * num_nodes > 1:
         strategy = "ddp_spawn"  # works from any entry point, the CLI included
     callbacks = [ImagesPerSecondBar(len(todo))] if progress else []
@@ -287,12 +300,8 @@ def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progre
         inference_mode=False,  # GM and NO need input gradients; gradient-free work runs under no_grad
         callbacks=callbacks,
     )
-    outputs = trainer.predict(module, dataloaders=loader, return_predictions=True) or []
-    totals: dict[str, float] = {}
-    for out in outputs:
-        for family, sec in out["seconds"].items():
-            totals[family] = totals.get(family, 0.0) + sec
-    return totals
+    trainer.predict(module, dataloaders=loader, return_predictions=False)  # results travel through the cache
+    return cache.seconds(session)
 
 
 def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], names: Sequence[str]) -> None:
