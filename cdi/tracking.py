@@ -42,6 +42,8 @@ def connect(tracking_uri: str, experiment: str) -> str:
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        _probe_server(tracking_uri)
     try:
         if os.environ.get("MLFLOW_RUN_ID"):
             return mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
@@ -52,6 +54,19 @@ def connect(tracking_uri: str, experiment: str) -> str:
         raise TrackingError(
             f"--tracking-uri {tracking_uri}: cannot use the tracking store ({first}); "
             "start the server or pass a reachable URI"
+        ) from exc
+
+
+def _probe_server(tracking_uri: str) -> None:
+    """One quick request, so a down server fails in seconds instead of after MLflow's retries."""
+    import requests
+
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=10)
+    except requests.RequestException as exc:
+        raise TrackingError(
+            f"--tracking-uri {tracking_uri}: the tracking server does not answer ({type(exc).__name__}); "
+            "start it or pass a reachable URI"
         ) from exc
 
 

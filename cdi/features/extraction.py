@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,6 +35,8 @@ from cdi.features.registry import plan_families
 from cdi.models.base import DiffusionAdapter
 
 log = logging.getLogger(__name__)
+# RankBatchSampler returns every index by construction; Lightning cannot know that and warns.
+warnings.filterwarnings("ignore", message=".*custom batch sampler.*", category=UserWarning)
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 

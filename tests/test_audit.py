@@ -1,0 +1,30 @@
+"""The `audit` API: cache reuse across audits and the record it leaves in MLflow."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from cdi.audit import audit
+
+
+def test_second_audit_of_the_same_sets_reuses_every_feature(tiny_model, image_sets, tracking_uri, tmp_path):
+    first = audit(tiny_model, *image_sets, access="gray", cache_dir=tmp_path, progress=False, experiment="cache")
+    second = audit(tiny_model, *image_sets, access="gray", cache_dir=tmp_path, progress=False, experiment="cache")
+    client = mlflow.MlflowClient(tracking_uri)
+    m1 = client.get_run(first.run_id).data.metrics
+    m2 = client.get_run(second.run_id).data.metrics
+    assert (m1["cache_hits"], m1["cache_misses"]) == (0, 24)
+    assert (m2["cache_hits"], m2["cache_misses"]) == (24, 0)
+    assert second.p_value == first.p_value  # same features, same folds: the same p-value
+    assert {"seconds.DenoisingLoss", "seconds.SecMI", "seconds.PIA", "seconds.MultipleLoss"} <= set(m1)
+
+
+def test_unreachable_tracking_server_fails_before_any_model_pass(tiny_model, image_sets, monkeypatch):
+    from cdi.errors import TrackingError
+
+    calls = []
+    monkeypatch.setattr("cdi.audit.extract", lambda *a, **k: calls.append(1))
+    with pytest.raises(TrackingError, match="--tracking-uri http://127.0.0.1:9"):
+        audit(tiny_model, *image_sets, tracking_uri="http://127.0.0.1:9", progress=False)
+    assert calls == []
