@@ -123,7 +123,10 @@ class FeatureExtractor(L.LightningModule):
             values: dict[str, torch.Tensor] = {}
             for family in self.families:
                 started = time.perf_counter()
-                values.update(family.compute(self.adapter, features).values)
+                # Gradient-free families run under inference mode; GM and NO need autograd.
+                mode = torch.inference_mode() if family.access == "gray" else contextlib.nullcontext()
+                with mode:
+                    values.update(family.compute(self.adapter, features).values)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[type(family).__name__] = time.perf_counter() - started

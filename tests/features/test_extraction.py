@@ -42,3 +42,35 @@ def test_bad_batch_size_is_an_option_error(setup):
     adapter, records = setup
     with pytest.raises(OptionError, match="--batch-size"):
         extract_features(adapter, records, FEATURE_NAMES, batch_size=0)
+
+
+def test_fused_batch_equals_each_family_computed_on_its_own(setup):
+    """The fused pass (one encode, ML from GM, shared eps0, inference mode) changes no definition."""
+    import torch
+
+    from cdi.features import FeatureBatch, FeatureConfig, FeatureExtractor
+    from cdi.features.denoising_loss import DenoisingLoss
+    from cdi.features.gradient_masking import GradientMasking, MultipleLoss
+    from cdi.features.noise_optimisation import NoiseOptimisation
+    from cdi.features.pia import PIA
+    from cdi.features.secmi import SecMI
+    from cdi.data import ImageDataset
+
+    adapter, records = setup
+    items = [ImageDataset(records[:5], 8, 3)[i] for i in range(5)]
+    batch = {
+        "image": torch.stack([it["image"] for it in items]),
+        "sha256": [it["sha256"] for it in items],
+        "label": torch.tensor([-1] * 5),
+        "caption": [""] * 5,
+    }
+    fused, _ = FeatureExtractor(adapter, FEATURE_NAMES, FeatureConfig(), seed=4).compute(batch)
+    plain = FeatureBatch(z0=batch["image"], cond=None, sha256=batch["sha256"], seed=4)
+    separate = {}
+    for family in (DenoisingLoss, SecMI, PIA, MultipleLoss, GradientMasking, NoiseOptimisation):
+        values = family(FeatureConfig()).compute(adapter, plain).values
+        if family is GradientMasking:  # GM's own ML values are checked against MultipleLoss's below
+            values = {k: v for k, v in values.items() if k.startswith("GM_")}
+        separate.update(values)
+    expected = torch.stack([separate[name] for name in FEATURE_NAMES], dim=1)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
