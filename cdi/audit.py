@@ -14,6 +14,7 @@ from cdi import tracking
 from cdi.data import build_image_sets
 from cdi.errors import OptionError
 from cdi.features import FeatureConfig, extract, resolve_features
+from cdi.features.extraction import worker_rank
 from cdi.models import load_model
 from cdi.stats import DatasetInferenceTest
 
@@ -132,8 +133,11 @@ def audit(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "auto",
-) -> AuditResult:
-    """Audit `model` for use of the `suspect` images against the `control` images."""
+) -> AuditResult | None:
+    """Audit `model` for use of the `suspect` images against the `control` images.
+
+    Returns None in a non-zero rank of a multi-process launch (rank 0 returns the result).
+    """
     import pandas as pd
 
     _check_options(alpha, folds, seed)
@@ -142,6 +146,13 @@ def audit(
     adapter = load_model(model, allow_pickle=allow_pickle)
     info = adapter.info
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
+    if worker_rank() > 0:
+        # A launcher (Lightning's ddp, torchrun, SLURM) started this process as one more rank: it only
+        # computes its share of the features into the shared cache; rank 0 scores and logs the audit.
+        extract(adapter, [*suspect_records, *control_records], names, config=feature_config, seed=seed,
+                batch_size=batch_size, device=device, progress=False, cache_dir=cache_dir, use_cache=True,
+                devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+        return None
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
     records = [*suspect_records, *control_records]

@@ -124,6 +124,9 @@ def run_audit(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         precision=args.precision,
     )
+    if result is None:
+        print("features of this rank are in the cache; rank 0 reports the audit")
+        return 0
     comparison = "<" if result.verdict == "used" else ">="
     print(f"verdict: {result.verdict} (p = {result.p_value:.3g} {comparison} alpha = {result.alpha})")
     print(f"suspect: {result.n_suspect} images, control: {result.n_control} images, access: {result.access}")

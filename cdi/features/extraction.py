@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -260,8 +261,10 @@ def extract(
                     torch.cuda.empty_cache()
                 done = cache.load([r.sha256 for r in todo], names)
                 todo = [r for r in todo if r.sha256 not in done]
-        seconds = time.perf_counter() - started
         rows = cache.load([digest for digest, _ in unique], names)
+        if devices * num_nodes > 1:
+            rows = _wait_for_other_ranks(cache, [digest for digest, _ in unique], names, rows)
+        seconds = time.perf_counter() - started
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -278,6 +281,25 @@ def extract(
         family_seconds=family_seconds,
         batch_size=batch_size,
     )
+
+
+def worker_rank() -> int:
+    """Global rank of this process when a launcher started it as one of several (0 otherwise)."""
+    for variable in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(variable, "0")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+def _wait_for_other_ranks(cache: FeatureCache, shas: list[str], names: Sequence[str], rows: dict,
+                          timeout_s: float = 600.0) -> dict:
+    """Lightning ends predict without a barrier: wait until every rank's shards are on disk."""
+    deadline = time.monotonic() + timeout_s
+    while len(rows) < len(shas) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        rows = cache.load(shas, names)
+    return rows
 
 
 def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
