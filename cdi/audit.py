@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,6 +76,46 @@ def _check_options(alpha: float, folds: int, seed: int) -> None:
         raise OptionError(f"--seed {seed}: must be a non-negative integer")
 
 
+def _class_id(label: int | str, class_names: dict, where: str) -> int:
+    if isinstance(label, int):
+        return label
+    text = str(label).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    wanted = text.lower()
+    for class_id, names in class_names.items():
+        if wanted in (alias.strip().lower() for alias in str(names).split(",")):
+            return int(class_id)
+    raise OptionError(f"{where}: class {text!r} is not in the model's id2label; give a class id or one of its names")
+
+
+def apply_conditioning(records: list, adapter: Any, prompt: str | None, class_label: str | None) -> list:
+    """Fill captions/labels missing from metadata.jsonl with --prompt/--class-label; resolve class names."""
+    conditioning = adapter.info.conditioning
+    class_names = getattr(adapter, "class_names", {}) or {}
+    out = []
+    for record in records:
+        label = record.label if record.label is not None else class_label
+        caption = record.caption if record.caption is not None else prompt
+        if label is not None:
+            where = f"{record.path}" if record.label is not None else "--class-label"
+            label = _class_id(label, class_names, where)
+        out.append(replace(record, label=label, caption=caption))
+    missing = {
+        "text": sum(r.caption is None for r in out),
+        "class": sum(r.label is None for r in out),
+    }.get(conditioning, 0)
+    if missing:
+        log.warning(
+            "%d of %d images have no %s: the model is queried unconditionally for them (%s), a weaker signal; "
+            "give metadata.jsonl beside the images or --%s",
+            missing, len(out), "caption" if conditioning == "text" else "class label",
+            "empty prompt" if conditioning == "text" else "null class",
+            "prompt" if conditioning == "text" else "class-label",
+        )
+    return out
+
+
 def summary_markdown(result: AuditResult) -> str:
     if result.verdict == "used":
         headline = (
@@ -133,6 +173,9 @@ def audit(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "auto",
+    prompt: str | None = None,
+    class_label: str | int | None = None,
+    latent_sample_seed: int | None = None,
 ) -> AuditResult | None:
     """Audit `model` for use of the `suspect` images against the `control` images.
 
@@ -143,9 +186,11 @@ def audit(
     _check_options(alpha, folds, seed)
     names = resolve_features(features, access)
     feature_config = feature_config or FeatureConfig()
-    adapter = load_model(model, allow_pickle=allow_pickle)
+    adapter = load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed)
     info = adapter.info
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
+    suspect_records = apply_conditioning(suspect_records, adapter, prompt, class_label)
+    control_records = apply_conditioning(control_records, adapter, prompt, class_label)
     if worker_rank() > 0:
         # A launcher (Lightning's ddp, torchrun, SLURM) started this process as one more rank: it only
         # computes its share of the features into the shared cache; rank 0 scores and logs the audit.
@@ -165,6 +210,10 @@ def audit(
                 "model_path": str(Path(model).resolve()),
                 "model_fingerprint": info.fingerprint,
                 "pipeline_class": info.pipeline_class,
+                "conditioning": info.conditioning,
+                "prompt": prompt,
+                "class_label": class_label,
+                "latent_sample_seed": latent_sample_seed,
                 "n_suspect": len(suspect_records),
                 "n_control": len(control_records),
                 "access": access,

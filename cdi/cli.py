@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--threads", type=_count, default=0, help="CPU threads for torch (default 0: torch's choice)")
     audit.add_argument("--allow-pickle", action="store_true",
                        help="allow pickle (.bin/.pt/.ckpt) weights; they can run code: only for trusted models")
+    audit.add_argument("--prompt", default=None,
+                       help="caption for every image without one in metadata.jsonl (text-to-image models)")
+    audit.add_argument("--class-label", default=None,
+                       help="class id or name for every image without a label in metadata.jsonl")
+    audit.add_argument("--latent-sample-seed", type=_count, default=None,
+                       help="latent models: encode with a seeded VAE posterior sample (default: posterior mean)")
     audit.add_argument("--experiment", default="cdi-audits", help="MLflow experiment (default cdi-audits)")
     audit.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -123,6 +129,9 @@ def run_audit(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         strategy=args.strategy,
         precision=args.precision,
+        prompt=args.prompt,
+        class_label=args.class_label,
+        latent_sample_seed=args.latent_sample_seed,
     )
     if result is None:
         print("features of this rank are in the cache; rank 0 reports the audit")

@@ -122,7 +122,8 @@ def save_sd_pipeline(path: Path, seed: int = 0, scheduler_cls: str = "DDIMSchedu
     return path
 
 
-def save_sdxl_pipeline(path: Path, seed: int = 0, scheduler_cls: str = "EulerDiscreteScheduler", **scheduler_kwargs) -> Path:
+def save_sdxl_pipeline(path: Path, seed: int = 0, scheduler_cls: str = "EulerDiscreteScheduler",
+                       **scheduler_kwargs) -> Path:
     """A tiny StableDiffusionXLPipeline: two text encoders (16 + 8 features), text_time added embeddings."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -167,7 +168,8 @@ def save_dit_pipeline(path: Path, num_classes: int = 10, seed: int = 0, schedule
         patch_size=2,
         num_embeds_ada_norm=num_classes,
     )
-    pipeline = DiTPipeline(transformer=transformer, vae=tiny_vae(seed), scheduler=_scheduler(scheduler_cls, **scheduler_kwargs))
+    scheduler = _scheduler(scheduler_cls, **scheduler_kwargs)
+    pipeline = DiTPipeline(transformer=transformer, vae=tiny_vae(seed), scheduler=scheduler)
     pipeline.save_pretrained(path, safe_serialization=True)
     # As on the Hub: DiTPipeline takes id2label but does not write it; the published repos carry it.
     index_path = path / "model_index.json"
@@ -183,7 +185,9 @@ def pickle_component(path: Path, component: str) -> Path:
 
     folder = path / component
     for weights in folder.glob("*.safetensors"):
-        torch.save(load_file(weights), weights.with_suffix(".bin"))
+        # The file names each library looks for: diffusion_pytorch_model.bin, pytorch_model.bin.
+        pickled = "pytorch_model.bin" if weights.name == "model.safetensors" else weights.with_suffix(".bin").name
+        torch.save(load_file(weights), folder / pickled)
         weights.unlink()
     return path
 

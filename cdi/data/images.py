@@ -35,7 +35,7 @@ class ImageRecord:
     path: Path
     sha256: str
     role: str  # "suspect" or "control"
-    label: int | None = None
+    label: int | str | None = None  # a class id, or a class name the model's id2label resolves
     caption: str | None = None
 
     @property
@@ -77,12 +77,14 @@ def discover_images(folder: str | Path, role: str, option: str | None = None) ->
     for path in paths:
         entry = metadata.get(path.relative_to(root).as_posix(), {})
         label = entry.get("label")
+        if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+            label = int(label)
         records.append(
             ImageRecord(
                 path=path,
                 sha256=sha256_file(path),
                 role=role,
-                label=None if label is None else int(label),
+                label=label,
                 caption=entry.get("text"),
             )
         )

@@ -7,15 +7,24 @@ from pathlib import Path
 
 from cdi.errors import ModelError
 from cdi.models.base import DiffusionAdapter, ModelInfo
+from cdi.models.dit import PIPELINE_ADAPTERS as _DIT_PIPELINES
 from cdi.models.loading import fingerprint, read_model_index
 from cdi.models.pixel_unet import PIPELINE_CLASSES as _PIXEL_PIPELINES
 from cdi.models.pixel_unet import PixelUNetAdapter
+from cdi.models.stable_diffusion import PIPELINE_ADAPTERS as _STABLE_DIFFUSION_PIPELINES
 
 ADAPTERS: dict[str, type[DiffusionAdapter]] = {name: PixelUNetAdapter for name in _PIXEL_PIPELINES}
+ADAPTERS.update(_STABLE_DIFFUSION_PIPELINES)  # text-to-image: needs the `latent` extra (transformers)
+ADAPTERS.update(_DIT_PIPELINES)
 
 
-def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> DiffusionAdapter:
-    """Load the suspect model at `path` (a diffusers pipeline directory), weights frozen, on the CPU."""
+def load_model(
+    path: str | os.PathLike, allow_pickle: bool = False, latent_sample_seed: int | None = None
+) -> DiffusionAdapter:
+    """Load the suspect model at `path` (a diffusers pipeline directory), weights frozen, on the CPU.
+
+    `latent_sample_seed`: latent models encode with a seeded VAE posterior sample instead of its mean.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a suspect's model never triggers a download
     root = Path(path)
     index = read_model_index(root)
@@ -27,7 +36,7 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> Diffusion
             f"{root / 'model_index.json'}: pipeline class {pipeline_class!r} is not supported; supported: {supported}"
         )
     digest, files = fingerprint(root)
-    return adapter_cls.load(root, index, digest, files, allow_pickle)
+    return adapter_cls.load(root, index, digest, files, allow_pickle, latent_sample_seed=latent_sample_seed)
 
 
 __all__ = ["ADAPTERS", "DiffusionAdapter", "ModelInfo", "load_model"]

@@ -35,7 +35,9 @@ def load_component(root: Path, subfolder: str, cls: type, allow_pickle: bool) ->
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"{folder}: cannot load it as {cls.__name__} ({reason}); re-save the pipeline") from exc
     # Half-precision checkpoints are widened: autocast decides the compute precision, not the file.
-    return model.to(torch.float32).eval().requires_grad_(False)
+    if any(parameter.dtype != torch.float32 for parameter in model.parameters()):
+        model = model.to(torch.float32)
+    return model.eval().requires_grad_(False)
 
 
 def sample_size(config: Any) -> int:

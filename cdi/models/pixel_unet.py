@@ -5,7 +5,6 @@ Unconditional, or class-conditional when the UNet has a class embedding (`num_cl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,51 +13,32 @@ import torch
 from cdi.errors import ImageSetError, ModelError
 from cdi.models.base import DiffusionAdapter, ModelInfo
 from cdi.models.loading import weight_format
+from cdi.models.prediction import read_scheduler, to_epsilon
 
 PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
-
-
-def _scheduler_alphas(root: Path) -> tuple[torch.Tensor, str]:
-    import diffusers
-
-    config_path = root / "scheduler" / "scheduler_config.json"
-    if not config_path.is_file():
-        raise ModelError(f"{config_path}: missing; the pipeline needs a DDPM/DDIM-family scheduler")
-    config = json.loads(config_path.read_text())
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is None:
-        raise ModelError(f"{config_path}: unknown scheduler class {config.get('_class_name')!r}")
-    scheduler = cls.from_config(config)
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        raise ModelError(
-            f"{config_path}: scheduler {cls.__name__} has no alphas_cumprod; "
-            "cdi needs a DDPM/DDIM-family (variance-preserving) scheduler"
-        )
-    return torch.as_tensor(alphas), config.get("prediction_type", "epsilon")
 
 
 class PixelUNetAdapter(DiffusionAdapter):
     family = "pixel_unet"
 
-    def __init__(self, info: ModelInfo, unet: torch.nn.Module, alphas_cumprod: torch.Tensor) -> None:
+    def __init__(
+        self, info: ModelInfo, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"
+    ) -> None:
         super().__init__(info, alphas_cumprod)
         self.unet = unet.eval().requires_grad_(False)
+        self.prediction_type = prediction_type
         self.num_classes = unet.config.num_class_embeds
 
     @classmethod
-    def load(cls, root: Path, index: dict, fingerprint: str, files: dict[str, str], allow_pickle: bool) -> "PixelUNetAdapter":
+    def load(
+        cls, root: Path, index: dict, fingerprint: str, files: dict[str, str], allow_pickle: bool, **_: object
+    ) -> "PixelUNetAdapter":
         from diffusers import UNet2DModel
 
         unet_dir = root / "unet"
         if not (unet_dir / "config.json").is_file():
             raise ModelError(f"{unet_dir}: missing unet/config.json; the pipeline needs a UNet2DModel component")
-        alphas, prediction_type = _scheduler_alphas(root)
-        if prediction_type != "epsilon":
-            raise ModelError(
-                f"{root / 'scheduler' / 'scheduler_config.json'}: prediction_type {prediction_type!r} is not supported "
-                "for pixel models yet; cdi needs an epsilon-prediction model"
-            )
+        alphas, prediction_type = read_scheduler(root)
         use_safetensors = weight_format(unet_dir, allow_pickle)
         unet = UNet2DModel.from_pretrained(root, subfolder="unet", use_safetensors=use_safetensors)
         config = unet.config
@@ -74,7 +54,7 @@ class PixelUNetAdapter(DiffusionAdapter):
             num_train_timesteps=int(alphas.shape[0]),
             files=files,
         )
-        return cls(info, unet, alphas)
+        return cls(info, unet, alphas, prediction_type)
 
     def condition(self, labels: Sequence[int | None], captions: Sequence[str | None]) -> Any:
         if not self.num_classes:
@@ -95,5 +75,5 @@ class PixelUNetAdapter(DiffusionAdapter):
     def eps_hat(self, z_t: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
         timesteps = torch.full((z_t.shape[0],), int(t), dtype=torch.long, device=z_t.device)
         out = self.unet(z_t, timesteps, class_labels=cond).sample
-        # Learned-variance models predict 2C channels: the first C are epsilon.
-        return out[:, : z_t.shape[1]]
+        # Learned-variance models predict 2C channels: the first C are the prediction.
+        return to_epsilon(out[:, : z_t.shape[1]], z_t, self.alpha_bar(t), self.prediction_type)

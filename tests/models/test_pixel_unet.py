@@ -54,10 +54,17 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
     assert load_model(path, allow_pickle=True).info.image_size == 8
 
 
-def test_non_epsilon_prediction_is_refused(tmp_path):
-    path = save_pipeline(tmp_path / "v", tiny_unet(), prediction_type="v_prediction")
-    with pytest.raises(ModelError, match="v_prediction"):
-        load_model(path)
+def test_v_prediction_is_read_as_epsilon_and_sample_prediction_is_refused(tmp_path):
+    unet = tiny_unet()
+    adapter = load_model(save_pipeline(tmp_path / "v", unet, prediction_type="v_prediction"))
+    z, t = torch.randn(2, 3, 8, 8), 400
+    ab = float(adapter.alpha_bar(t))
+    with torch.no_grad():
+        v = unet(z, torch.tensor([t, t])).sample
+        expected = math.sqrt(ab) * v + math.sqrt(1 - ab) * z  # eps from v (Salimans & Ho 2022)
+        torch.testing.assert_close(adapter.eps_hat(z, t, None), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="'sample'"):
+        load_model(save_pipeline(tmp_path / "x0", tiny_unet(), prediction_type="sample"))
 
 
 def test_missing_index_and_unsupported_pipeline(tmp_path, tiny_model):
@@ -68,7 +75,7 @@ def test_missing_index_and_unsupported_pipeline(tmp_path, tiny_model):
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="KandinskyPipeline.*supported: DDIMPipeline, DDPMPipeline"):
+    with pytest.raises(ModelError, match="KandinskyPipeline.*supported: DDIMPipeline, DDPMPipeline, DiTPipeline"):
         load_model(fake)
 
 
