@@ -255,7 +255,7 @@ def audit(
             model_fingerprint=info.fingerprint,
             run_id=run_id,
             tracking_uri=uri,
-            experiment=experiment,
+            experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
         )
         table = pd.DataFrame(
             {

@@ -89,6 +89,12 @@ def audit_run(tracking_uri: str, experiment: str, run_name: str | None = None) -
     mlflow.end_run(status="FINISHED")
 
 
+def experiment_name(run_id: str) -> str:
+    import mlflow
+
+    return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+
+
 def log_params(params: Mapping[str, Any]) -> None:
     import mlflow
 
