@@ -18,31 +18,41 @@ Newton method in numpy rather than by B * K scikit-learn fits. Standardising a f
 rows is an affine change of coordinates, so the fold's problem in standardised coordinates equals
 one in (globally standardised) raw coordinates with the ridge penalty 0.5 * sum_j s_j^2 w_j^2,
 s_j the fold's training standard deviation; all problems then share X, and the per-row outer
-products x x^T are computed once. The Newton solution is exact to ~1e-10, so its scores agree with
-scikit-learn's lbfgs (tolerance 1e-4) to about 1e-5. The observed statistic is computed by the same
-solver as the null ones, as exactness requires. Other penalties fall back to scikit-learn fits.
+products x x^T are computed once (B = 1000 on 2 x 100 images x 26 features: about 0.6 s on one
+core, against about 14 s for B * K scikit-learn fits). Newton converges to the optimum (scores
+within 1e-7 of lbfgs run at tol=1e-12); scikit-learn's default lbfgs (tol=1e-4) stops up to ~1e-3
+away in score, so T_obs differs slightly from the Welch t of CrossFittedScorer's scores. The
+observed statistic is computed by the same solver as the null ones, as exactness requires. Other
+penalties fall back to scikit-learn fits per fold (slow, same definition).
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from joblib import Parallel, delayed
-from scipy import stats
+from scipy import special, stats
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from cdi.stats.scoring import (
     _check_features_and_labels,
     _check_options,
+    _is_positive_integer,
     _logistic_regression,
     _OptionValueError,
     _threadpools,
 )
 
+log = logging.getLogger(__name__)
+
 STATISTICS = ("welch", "auc")
 
-# Permutations per task: fixed (not derived from n_jobs) so results do not depend on n_jobs.
+# Permutations per task: at most 50, fewer for large problems so one task's arrays stay within
+# about _ELEMENTS floats (~130 MB); derived from the data's shape only, never from n_jobs.
 _CHUNK = 50
+_ELEMENTS = 2**24
 _NEWTON_MAX_ITER = 100
 _NEWTON_TOL = 1e-10  # on the Newton decrement / 2, i.e. the predicted objective decrease
 # StandardScaler treats a training-fold variance this small (relative to the global one) as zero.
@@ -114,11 +124,17 @@ def _objective(eta, labels, train, C, penalty, weights):
 
 
 def _cross_fit_scores_newton(
-    X: np.ndarray, outer: np.ndarray, labels: np.ndarray, folds: np.ndarray, n_splits: int, C: float
+    X: np.ndarray,
+    outer: np.ndarray | None,
+    labels: np.ndarray,
+    folds: np.ndarray,
+    n_splits: int,
+    C: float,
 ) -> np.ndarray:
     """Out-of-fold P(member) for m labelled copies of X: (m, n) labels and fold ids -> (m, n).
 
-    X (n, d) is globally standardised; outer (n, (d+1)^2) holds [1, x] [1, x]^T per row. Each of
+    X (n, d) is globally standardised; outer (n, (d+1)^2) holds [1, x] [1, x]^T per row (None
+    when that would be too large: the Hessians are then formed without it). Each of
     the m * K problems minimises C * sum_train logloss + 0.5 * ||w_standardised||^2 (the intercept
     is not penalised), as scikit-learn's LogisticRegression does.
     """
@@ -140,40 +156,51 @@ def _cross_fit_scores_newton(
     penalty = np.hstack([np.zeros((m * n_splits, 1)), scale2])  # intercept unpenalised
 
     beta = np.zeros((m * n_splits, p))
+    eta = np.zeros((m * n_splits, n))  # logits X1 beta, kept in step with beta
+    objective = _objective(eta, y, train, C, penalty, beta)
     active = np.arange(m * n_splits)
     eye = np.eye(p)
     for _ in range(_NEWTON_MAX_ITER):
-        b, t, yy, pen = beta[active], train[active], y[active], penalty[active]
-        eta = b @ X1.T
-        prob = 1.0 / (1.0 + np.exp(-eta))
+        b, e, f, t, yy, pen = (
+            beta[active], eta[active], objective[active], train[active], y[active], penalty[active]
+        )
+        prob = special.expit(e)
         gradient = C * ((t * (prob - yy)) @ X1) + pen * b
         curvature = t * prob * (1.0 - prob)
-        hessian = (C * (curvature @ outer)).reshape(-1, p, p) + pen[:, :, None] * eye
+        if outer is not None:
+            hessian = (C * (curvature @ outer)).reshape(-1, p, p)
+        else:
+            hessian = C * np.einsum("kn,ni,nj->kij", curvature, X1, X1, optimize=True)
+        hessian += pen[:, :, None] * eye
         step = np.linalg.solve(hessian, gradient[:, :, None])[:, :, 0]
-        decrement = np.einsum("kp,kp->k", gradient, step)  # Newton decrement squared
-        # backtracking (Armijo) line search, per problem
-        f0 = _objective(eta, yy, t, C, pen, b)
+        decrement = np.einsum("kp,kp->k", gradient, step)  # squared Newton decrement
+        # Newton step with backtracking (Armijo) line search, per problem
         size = np.ones(len(active))
-        pending = np.arange(len(active))
+        new_b, new_e = b - step, e - step @ X1.T
+        new_f = _objective(new_e, yy, t, C, pen, new_b)
         for _ in range(40):
-            candidate = b[pending] - size[pending, None] * step[pending]
-            f1 = _objective(candidate @ X1.T, yy[pending], t[pending], C, pen[pending], candidate)
-            ok = f1 <= f0[pending] - 1e-4 * size[pending] * decrement[pending] + 1e-12 * np.abs(
-                f0[pending]
-            )
-            pending = pending[~ok]
-            if pending.size == 0:
+            rejected = np.flatnonzero(new_f > f - 1e-4 * size * decrement + 1e-12 * np.abs(f))
+            if rejected.size == 0:
                 break
-            size[pending] *= 0.5
-        beta[active] = b - size[:, None] * step
+            size[rejected] *= 0.5
+            new_b[rejected] = b[rejected] - size[rejected, None] * step[rejected]
+            new_e[rejected] = new_b[rejected] @ X1.T
+            new_f[rejected] = _objective(
+                new_e[rejected], yy[rejected], t[rejected], C, pen[rejected], new_b[rejected]
+            )
+        beta[active], eta[active], objective[active] = new_b, new_e, new_f
         active = active[decrement / 2 > _NEWTON_TOL]
         if active.size == 0:
             break
+    else:
+        log.warning(
+            "permutation test: %d of %d logistic fits did not converge in %d Newton steps",
+            active.size, m * n_splits, _NEWTON_MAX_ITER,
+        )
 
-    held_out_logits = beta @ X1.T  # (m*K, n)
+    # every image is held out in exactly one fold: its score is that fold model's P(member)
     held_out = 1.0 - train
-    scores = (held_out / (1.0 + np.exp(-held_out_logits))).reshape(m, n_splits, n).sum(axis=1)
-    return scores
+    return (held_out * special.expit(eta)).reshape(m, n_splits, n).sum(axis=1)
 
 
 def _cross_fit_scores_sklearn(
@@ -192,7 +219,7 @@ def _cross_fit_scores_sklearn(
 
 
 def _statistics_of_permutations(X, outer, y, fold_ids, permutations, statistic, options):
-    """Statistic of the pipeline re-run with the (label, fold) pairs shuffled by each permutation."""
+    """Statistic of the pipeline re-run with (label, fold) pairs shuffled by each permutation."""
     n_splits, C, penalty, max_iter, random_state = options
     labels, folds = y[permutations], fold_ids[permutations]
     with _threadpools().limit(limits=1, user_api="blas"):
@@ -206,11 +233,7 @@ def _statistics_of_permutations(X, outer, y, fold_ids, permutations, statistic, 
 
 
 def _check_permutation_options(n_permutations, statistic) -> None:
-    if (
-        isinstance(n_permutations, bool)
-        or not isinstance(n_permutations, (int, np.integer))
-        or n_permutations < 1
-    ):
+    if not _is_positive_integer(n_permutations):
         raise _OptionValueError(f"n_permutations must be an integer >= 1, got {n_permutations!r}")
     if statistic not in STATISTICS:
         raise _OptionValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
@@ -233,8 +256,9 @@ def cross_fitted_permutation_test(
 
     `statistic` is "welch" (Welch t of the out-of-fold scores, P vs U) or "auc" (their ROC AUC);
     large values are evidence for H1. Folds are StratifiedKFold(shuffle, random_state) as in
-    CrossFittedScorer; the B permutations come from numpy's default_rng(random_state), drawn up
-    front so the result does not depend on n_jobs. `n_jobs` follows joblib (None: 1, -1: all).
+    CrossFittedScorer; the B permutations are drawn in order from numpy's
+    default_rng(random_state) (rows of `rng.permuted(tile(arange(n)), axis=1)`, at most 50 at a
+    time), so the result does not depend on n_jobs. `n_jobs` follows joblib (None: 1, -1: all).
     """
     _check_options(n_splits, C, penalty, max_iter)
     _check_permutation_options(n_permutations, statistic)
@@ -244,30 +268,34 @@ def cross_fitted_permutation_test(
     for fold, (_, held_out) in enumerate(folds.split(X, y)):
         fold_ids[held_out] = fold
 
+    n, p = X.shape[0], X.shape[1] + 1
+    outer = None
+    per_task = _CHUNK
     if penalty == "l2":
         X = _standardise_globally(X)
-        X1 = np.hstack([np.ones((X.shape[0], 1)), X])
-        outer = (X1[:, :, None] * X1[:, None, :]).reshape(X.shape[0], -1)  # shared by all fits
-    else:
-        outer = None
+        if n * p * p <= _ELEMENTS:
+            X1 = np.hstack([np.ones((n, 1)), X])
+            outer = (X1[:, :, None] * X1[:, None, :]).reshape(n, -1)  # shared by all fits
+        per_task = int(np.clip(_ELEMENTS // (n_splits * n * p), 1, _CHUNK))
     options = (n_splits, C, penalty, max_iter, random_state)
 
-    rng = np.random.default_rng(random_state)
-    permutations = rng.permuted(np.tile(np.arange(len(y)), (n_permutations, 1)), axis=1)
-    identity = np.arange(len(y))[None, :]
+    identity = np.arange(n)[None, :]
     observed = _statistics_of_permutations(X, outer, y, fold_ids, identity, statistic, options)[0]
 
-    chunks = [permutations[i : i + _CHUNK] for i in range(0, n_permutations, _CHUNK)]
-    if n_jobs in (None, 1) or len(chunks) == 1:
-        null = [
-            _statistics_of_permutations(X, outer, y, fold_ids, chunk, statistic, options)
-            for chunk in chunks
-        ]
-    else:
-        null = Parallel(n_jobs=n_jobs)(
-            delayed(_statistics_of_permutations)(X, outer, y, fold_ids, chunk, statistic, options)
-            for chunk in chunks
+    # Permutations are drawn in order from one generator, a task's worth at a time (memory stays
+    # bounded for large B); the draws depend on random_state and the data's shape only.
+    rng = np.random.default_rng(random_state)
+    tasks = (
+        delayed(_statistics_of_permutations)(
+            X, outer, y, fold_ids, rng.permuted(np.tile(identity, (rows, 1)), axis=1), statistic,
+            options,
         )
+        for rows in np.diff(np.r_[np.arange(0, n_permutations, per_task), n_permutations])
+    )
+    if n_jobs in (None, 1):
+        null = [function(*args, **kwargs) for function, args, kwargs in tasks]
+    else:
+        null = Parallel(n_jobs=n_jobs)(tasks)
     null = np.concatenate(null)
     return float(observed), null, permutation_p_value(observed, null)
 

@@ -68,6 +68,16 @@ def _check_options(n_splits: int, C: float, penalty: str | None, max_iter: int) 
         raise _OptionValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
 
 
+def _is_positive_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _check_alpha(alpha) -> None:
+    is_number = isinstance(alpha, (int, float, np.floating)) and not isinstance(alpha, bool)
+    if not (is_number and 0.0 < alpha < 1.0):
+        raise _OptionValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+
+
 def _check_features_and_labels(X, y, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
     """Return X as float (n, d) and y as int {0, 1} (n,), or raise a ValueError saying why not."""
     X = np.asarray(X, dtype=float)
