@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,16 +12,17 @@ import numpy as np
 
 import cdi
 from cdi import tracking
-from cdi.data import build_image_sets
+from cdi.data import ImageRecord, build_image_sets, decode_image
 from cdi.errors import OptionError
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.features.extraction import worker_rank
 from cdi.models import load_model
-from cdi.stats import DatasetInferenceTest
+from cdi.manifest import build_manifest, image_entries
+from cdi.stats import image_statistics
+from cdi.stats.assessment import TEST_NAMES, assess, evidence_fields
 
 log = logging.getLogger(__name__)
 
-TEST_NAME = "welch_one_sided"
 
 
 @dataclass
@@ -65,6 +67,27 @@ def _versions() -> dict[str, str]:
         "version.diffusers": diffusers.__version__,
         "version.lightning": lightning.__version__,
     }
+
+
+REPORT_ARTIFACT = "report.html"
+MANIFEST_ARTIFACT = "manifest.json"
+
+
+def _image_statistics(records: Sequence[ImageRecord]) -> np.ndarray:
+    """Model-free statistics of each image as decoded from its file (for the shift guard)."""
+    rows = []
+    for record in records:
+        image = decode_image(record.path, 3)
+        rows.append(image_statistics(np.asarray(image, dtype=np.uint8), image.size))
+    return np.stack(rows)
+
+
+def _report(result: "AuditResult", table: Any) -> str | None:
+    try:
+        from cdi.report import render_report
+    except ImportError:  # the report package is optional at import time
+        return None
+    return render_report(result.to_dict(), table)
 
 
 def _check_options(alpha: float, folds: int, seed: int) -> None:
@@ -127,21 +150,41 @@ def summary_markdown(result: AuditResult) -> str:
             f"**Verdict: not detected.** No significant evidence that the suspect images were used "
             f"(one-sided p = {result.p_value:.3g} >= alpha = {result.alpha}). This is not proof of non-use."
         )
+    extras = result.extras
+    warnings = [f"> **Warning.** {w}" for w in extras.get("warnings", [])]
+    null = extras.get("null_check") or {}
+    shift = extras.get("shift_check") or {}
+    checks = []
+    if null:
+        checks.append("| null check (two halves of U) | " + (
+            f"skipped: {null.get('reason')}" if null.get("skipped") else
+            f"p = {null['p_value']:.3g}" + (" **flagged**" if null.get("flagged") else " (ok)")) + " |")
+    if shift:
+        checks.append("| shift guard (image statistics) | " + (
+            f"skipped: {shift.get('reason')}" if shift.get("skipped") else
+            f"AUC {shift['auc']:.2f}, p = {shift['p_value']:.3g}" + (" **flagged**" if shift.get("flagged") else " (ok)"))
+            + " |")
+    if extras.get("welch_p_value") is not None:
+        checks.append(f"| Welch p (paper's protocol) | {extras['welch_p_value']:.3g} |")
+    if extras.get("recommended_n"):
+        checks.append(f"| recommended set size (power 0.8) | {extras['recommended_n']} per side |")
     return "\n".join(
         [
             "# CDI audit",
             "",
             headline,
             "",
+            *[line for w in warnings for line in (w, "")],
             "| | |",
             "|---|---|",
             f"| model | `{result.model_path}` |",
             f"| model fingerprint | `{result.model_fingerprint}` |",
             f"| suspect / control images | {result.n_suspect} / {result.n_control} |",
-            f"| test | {result.test}, t = {result.statistic:.3f}, df = {result.df:.1f} |",
+            f"| test | {result.test}, Welch t = {result.statistic:.3f} |",
             f"| AUC of out-of-fold scores | {result.auc:.3f} |",
             f"| access / features | {result.access} / {len(result.features)} |",
             f"| seed / folds | {result.seed} / {result.folds} |",
+            *checks,
             "",
             "The p-value is valid only if the control images are i.i.d. with the suspect images "
             "(same source, camera, period and processing). A distribution shift between the two sets "
@@ -176,6 +219,9 @@ def audit(
     prompt: str | None = None,
     class_label: str | int | None = None,
     latent_sample_seed: int | None = None,
+    test: str = "permutation",
+    n_permutations: int = 1000,
+    power_resamples: int = 100,
 ) -> AuditResult | None:
     """Audit `model` for use of the `suspect` images against the `control` images.
 
@@ -184,6 +230,10 @@ def audit(
     import pandas as pd
 
     _check_options(alpha, folds, seed)
+    if test not in TEST_NAMES:
+        raise OptionError(f"--test {test!r}: choose permutation (exact, default) or welch (the paper's protocol)")
+    if n_permutations < 1 or power_resamples < 0:
+        raise OptionError("--permutations must be >= 1 and --power-resamples >= 0")
     names = resolve_features(features, access)
     feature_config = feature_config or FeatureConfig()
     adapter = load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed)
@@ -205,48 +255,55 @@ def audit(
 
     with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}") as run_id:
         tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting"})
-        tracking.log_params(
-            {
-                "model_path": str(Path(model).resolve()),
-                "model_fingerprint": info.fingerprint,
-                "pipeline_class": info.pipeline_class,
-                "conditioning": info.conditioning,
-                "prompt": prompt,
-                "class_label": class_label,
-                "latent_sample_seed": latent_sample_seed,
-                "n_suspect": len(suspect_records),
-                "n_control": len(control_records),
-                "access": access,
-                "features": list(names),
-                "seed": seed,
-                "alpha": alpha,
-                "folds": folds,
-                "test": TEST_NAME,
-                "batch_size": batch_size,
-                "devices": devices,
-                "num_nodes": num_nodes,
-                "precision": precision,
-                **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
-                **_versions(),
-            }
-        )
+        configuration = {
+            "model_path": str(Path(model).resolve()),
+            "model_fingerprint": info.fingerprint,
+            "pipeline_class": info.pipeline_class,
+            "conditioning": info.conditioning,
+            "prompt": prompt,
+            "class_label": class_label,
+            "latent_sample_seed": latent_sample_seed,
+            "n_suspect": len(suspect_records),
+            "n_control": len(control_records),
+            "access": access,
+            "features": list(names),
+            "seed": seed,
+            "alpha": alpha,
+            "folds": folds,
+            "test": TEST_NAMES[test],
+            "n_permutations": n_permutations if test == "permutation" else None,
+            "power_resamples": power_resamples,
+            "batch_size": batch_size,
+            "devices": devices,
+            "num_nodes": num_nodes,
+            "precision": precision,
+            **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
+            "suspect": str(Path(suspect).resolve()),
+            "control": str(Path(control).resolve()),
+        }
+        tracking.log_params({**configuration, **_versions()})
         extraction = extract(
             adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
             progress=progress, cache_dir=cache_dir, use_cache=use_cache, devices=devices, num_nodes=num_nodes,
             strategy=strategy, precision=precision,
         )
         X = extraction.values
-        test = DatasetInferenceTest(n_splits=folds, alpha=alpha, random_state=seed).fit(X, labels)
+        tracking.set_tags({"cdi.status": "scoring"})
+        found = assess(
+            X, labels, _image_statistics(records), names, alpha=alpha, folds=folds, seed=seed, test=test,
+            n_permutations=n_permutations, power_resamples=power_resamples,
+        )
+        fitted = found.test
         result = AuditResult(
-            p_value=float(test.p_value_),
-            verdict=str(test.verdict_),
+            p_value=float(fitted.p_value_),
+            verdict=str(fitted.verdict_),
             alpha=alpha,
             n_suspect=len(suspect_records),
             n_control=len(control_records),
-            test=TEST_NAME,
-            statistic=float(test.statistic_),
-            df=float(test.df_),
-            auc=float(test.auc_),
+            test=found.test_name,
+            statistic=float(fitted.statistic_),
+            df=float(fitted.df_),
+            auc=float(fitted.auc_),
             access=access,
             features=list(names),
             seed=seed,
@@ -256,6 +313,12 @@ def audit(
             run_id=run_id,
             tracking_uri=uri,
             experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
+            extras={
+                **evidence_fields(found, names),
+                "report_artifact": REPORT_ARTIFACT,
+                "manifest_artifact": MANIFEST_ARTIFACT,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
         )
         table = pd.DataFrame(
             {
@@ -266,15 +329,22 @@ def audit(
             }
         )
         table = pd.concat([table, pd.DataFrame(X, columns=list(names))], axis=1)
-        table["oof_score"] = test.scores_
+        table["oof_score"] = fitted.scores_
+        extras = result.extras
         tracking.log_metrics(
             {
                 "p_value": result.p_value,
                 "t_statistic": result.statistic,
                 "auc": result.auc,
-                "df": result.df,
-                "mean_score_suspect": float(test.scores_[labels == 1].mean()),
-                "mean_score_control": float(test.scores_[labels == 0].mean()),
+                **({"df": result.df} if np.isfinite(result.df) else {}),
+                "welch_p_value": extras["welch_p_value"],
+                "effect_size": extras["effect_size"]["value"],
+                **({"null_check_p_value": extras["null_check"]["p_value"]} if not extras["null_check"]["skipped"] else {}),
+                **({"shift_auc": extras["shift_check"]["auc"], "shift_p_value": extras["shift_check"]["p_value"]}
+                   if not extras["shift_check"]["skipped"] else {}),
+                **({"recommended_n": extras["recommended_n"]} if extras["recommended_n"] is not None else {}),
+                "mean_score_suspect": float(fitted.scores_[labels == 1].mean()),
+                "mean_score_control": float(fitted.scores_[labels == 0].mean()),
                 "extraction_seconds": extraction.seconds,
                 "cache_hits": extraction.cache_hits,
                 "cache_misses": extraction.cache_misses,
@@ -282,7 +352,16 @@ def audit(
                 **{f"seconds.{family}": sec for family, sec in extraction.family_seconds.items()},
             }
         )
-        tracking.set_tags({"cdi.verdict": result.verdict, "cdi.status": "done"})
-        tracking.log_evidence(result.to_dict(), table, summary_markdown(result))
+        manifest = build_manifest(
+            Path(model).resolve(), info.fingerprint, info.files, image_entries(suspect_records, suspect),
+            image_entries(control_records, control), configuration, _versions(),
+        )
+        tracking.set_tags({
+            "cdi.verdict": result.verdict,
+            "cdi.status": "done",
+            "cdi.null_check_flagged": str(extras["null_check"]["flagged"]).lower(),
+            "cdi.shift_flagged": str(extras["shift_check"]["flagged"]).lower(),
+        })
+        tracking.log_evidence(result.to_dict(), table, summary_markdown(result), manifest, _report(result, table))
     log.info("audit %s: verdict %s, p = %.3g", run_id, result.verdict, result.p_value)
     return result

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gray: 14 gradient-free features; white: all 26 (default)")
     audit.add_argument("--features", type=_features, default=None,
                        help="comma-separated subset of feature names (default: all for the access level)")
+    audit.add_argument("--test", choices=("permutation", "welch"), default="permutation",
+                       help="permutation (exact, default) or welch (the paper's protocol; anti-conservative)")
+    audit.add_argument("--permutations", type=_positive_int, default=1000,
+                       help="label permutations of the permutation test (default 1000)")
+    audit.add_argument("--power-resamples", type=_count, default=100,
+                       help="resamples per set size for the power curve (default 100; 0 skips it)")
     audit.add_argument("--seed", type=_count, default=0, help="seed of noise draws and folds (default 0)")
     audit.add_argument("--folds", type=_count, default=5, help="cross-fitting folds (default 5)")
     audit.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default 16)")
@@ -85,7 +91,48 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     audit.add_argument("--output", type=Path, default=None, help="write the result JSON to this file")
     audit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    report = commands.add_parser("report", help="rebuild the HTML report of a past audit")
+    report.add_argument("run_id", help="MLflow run id of the audit")
+    report.add_argument("--output", type=Path, default=None, help="HTML file (default report-<run id>.html)")
+    report.add_argument("--tracking-uri", default=None)
+
+    verify = commands.add_parser("verify", help="re-hash model and images against an audit's manifest")
+    verify.add_argument("run_id", help="MLflow run id of the audit")
+    verify.add_argument("--model", required=True)
+    verify.add_argument("--suspect", required=True)
+    verify.add_argument("--control", required=True)
+    verify.add_argument("--tracking-uri", default=None)
     return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from cdi import tracking
+    from cdi.report import write_report
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    output = args.output or Path(f"report-{args.run_id}.html")
+    _check_output_path(output)
+    result = tracking.download_json(args.run_id, "result.json", uri)
+    table = tracking.download_table(args.run_id, "features.csv", uri)
+    write_report(result, table, output)
+    print(f"report: {output} (verdict {result['verdict']}, p = {result['p_value']:.3g})")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from cdi import tracking
+    from cdi.manifest import verify
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    manifest = tracking.download_json(args.run_id, "manifest.json", uri)
+    found = verify(manifest, args.model, args.suspect, args.control)
+    for difference in found.differences:
+        print(f"mismatch: {difference}")
+    if found.ok:
+        print(f"verified: {found.checked_files} files match the manifest of run {args.run_id}")
+        return 0
+    print(f"{len(found.differences)} difference(s) from the manifest of run {args.run_id}")
+    return 1
 
 
 def _check_output_path(path: Path | None) -> None:
@@ -132,13 +179,19 @@ def run_audit(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         class_label=args.class_label,
         latent_sample_seed=args.latent_sample_seed,
+        test=args.test,
+        n_permutations=args.permutations,
+        power_resamples=args.power_resamples,
     )
     if result is None:
         print("features of this rank are in the cache; rank 0 reports the audit")
         return 0
     comparison = "<" if result.verdict == "used" else ">="
     print(f"verdict: {result.verdict} (p = {result.p_value:.3g} {comparison} alpha = {result.alpha})")
-    print(f"suspect: {result.n_suspect} images, control: {result.n_control} images, access: {result.access}")
+    print(f"suspect: {result.n_suspect} images, control: {result.n_control} images, access: {result.access}, "
+          f"test: {result.test}")
+    for warning in result.extras.get("warnings", []):
+        print(f"WARNING: {warning}")
     print(f"run: {result.run_id} (tracking URI {result.tracking_uri}, experiment {result.experiment})")
     if args.output is not None:
         args.output.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -168,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "audit":
             return run_audit(args)
+        if args.command == "report":
+            return run_report(args)
+        if args.command == "verify":
+            return run_verify(args)
     except CDIError as exc:
         sys.stderr.write(f"cdi: error: {exc}\n")
         return exc.exit_code

@@ -113,8 +113,14 @@ def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
 
-def log_evidence(result: Mapping[str, Any], table: "Any", summary_markdown: str) -> None:
-    """Log the per-image table, the result JSON and the Markdown description of the verdict."""
+def log_evidence(
+    result: Mapping[str, Any],
+    table: "Any",
+    summary_markdown: str,
+    manifest: Mapping[str, Any],
+    report_html: str | None,
+) -> None:
+    """Log the per-image table, result JSON, manifest, report and the Markdown description."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,8 +128,38 @@ def log_evidence(result: Mapping[str, Any], table: "Any", summary_markdown: str)
         table.to_csv(folder / "features.csv", index=False)
         (folder / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
         (folder / "summary.md").write_text(summary_markdown)
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if report_html is not None:
+            (folder / "report.html").write_text(report_html)
         mlflow.log_artifacts(str(folder))
     mlflow.set_tag(NOTE_TAG, summary_markdown)
+
+
+def download_json(run_id: str, artifact: str, tracking_uri: str) -> dict:
+    """A JSON artifact of a past run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}"))
+    except (MlflowException, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"run {run_id}: cannot read {artifact} ({first}); check the run id and --tracking-uri") from exc
+
+
+def download_table(run_id: str, artifact: str, tracking_uri: str) -> "Any":
+    import io
+
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}")))
+    except (MlflowException, OSError, ValueError) as exc:
+        raise TrackingError(f"run {run_id}: cannot read {artifact}; check the run id and --tracking-uri") from exc
 
 
 def _param_value(value: Any) -> str:

@@ -8,6 +8,7 @@ from cdi.data.images import (
     ImageDataset,
     ImageRecord,
     build_image_sets,
+    decode_image,
     discover_images,
     load_image,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ImageDataset",
     "ImageRecord",
     "build_image_sets",
+    "decode_image",
     "discover_images",
     "load_image",
 ]

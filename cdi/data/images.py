@@ -104,14 +104,19 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("RGB" if channels == 3 else "L")
 
 
-def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
-    """Decode one image to a (channels, size, size) float32 tensor in [-1, 1]."""
+def decode_image(path: str | Path, channels: int) -> Image.Image:
+    """Decode one file (EXIF orientation applied) and convert it to RGB (3) or grayscale (1)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as raw:
             raw.load()
             image = ImageOps.exif_transpose(raw)
-    image = _to_mode(image, channels)
+    return _to_mode(image, channels)
+
+
+def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """Decode one image to a (channels, size, size) float32 tensor in [-1, 1]."""
+    image = decode_image(path, channels)
     width, height = image.size
     scale = size / min(width, height)
     if (width, height) != (size, size):

@@ -1,0 +1,79 @@
+"""Evidence manifest: what an audit looked at, byte for byte, and how to check it later.
+
+`manifest.json` holds the sha256 of every model file and every image (by set and path relative to
+the set's folder), the package versions, the seeds and the full configuration. `verify` re-hashes a
+model directory and two image folders and lists every difference from a manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from cdi.data import ImageRecord, discover_images
+from cdi.models.loading import fingerprint
+
+MANIFEST_VERSION = 1
+
+
+def image_entries(records: Sequence[ImageRecord], root: str | Path) -> list[dict[str, str]]:
+    root = Path(root)
+    return [
+        {"set": r.role, "path": r.path.relative_to(root).as_posix(), "sha256": r.sha256} for r in records
+    ]
+
+
+def build_manifest(
+    model_path: str | Path,
+    model_fingerprint: str,
+    model_files: dict[str, str],
+    suspect_images: list[dict[str, str]],
+    control_images: list[dict[str, str]],
+    configuration: dict[str, Any],
+    versions: dict[str, str],
+) -> dict[str, Any]:
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"path": str(model_path), "fingerprint": model_fingerprint, "files": dict(sorted(model_files.items()))},
+        "images": [*suspect_images, *control_images],
+        "configuration": configuration,
+        "seeds": {"seed": configuration.get("seed")},
+        "versions": versions,
+    }
+
+
+@dataclass
+class VerifyReport:
+    differences: list[str] = field(default_factory=list)
+    checked_files: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def _compare(kind: str, expected: dict[str, str], actual: dict[str, str], out: list[str]) -> None:
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            out.append(f"{kind} {name}: missing")
+        elif name not in expected:
+            out.append(f"{kind} {name}: not in the manifest")
+        elif expected[name] != actual[name]:
+            out.append(f"{kind} {name}: sha256 {actual[name][:12]}... differs from the manifest's {expected[name][:12]}...")
+
+
+def verify(manifest: dict[str, Any], model: str | Path, suspect: str | Path, control: str | Path) -> VerifyReport:
+    """Re-hash the model and the two image folders; list every difference from `manifest`."""
+    report = VerifyReport()
+    _, files = fingerprint(Path(model))
+    _compare("model file", manifest["model"]["files"], files, report.differences)
+    report.checked_files += len(files)
+    for role, folder in (("suspect", suspect), ("control", control)):
+        expected = {e["path"]: e["sha256"] for e in manifest["images"] if e["set"] == role}
+        actual = {e["path"]: e["sha256"] for e in image_entries(discover_images(folder, role), folder)}
+        _compare(f"{role} image", expected, actual, report.differences)
+        report.checked_files += len(actual)
+    return report
