@@ -160,26 +160,23 @@ def test_estimator_is_cloneable_and_fit_returns_self():
 # --- statistical behaviour of the whole protocol (seeded; tolerances stated) --------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "Known weakness of the paper's protocol (method section 5): out-of-fold scores of the K "
-        "fold models are dependent, so the Welch p-value is anti-conservative. Measured under H0 "
-        "(n=40 per side, d=5, 2000 seeds): false-positive rate 0.070 at alpha=0.05 and 0.018 at "
-        "alpha=0.01; this seed set gives 28/300, above the band's 25. A permutation test of the "
-        "whole pipeline would fix it."
-    ),
-)
-def test_false_positive_rate_under_h0_is_within_binomial_band():
-    """H0: P, U i.i.d. N(0, I), n=40 a side, d=5; 300 seeds; rejections at 0.05 in the 99% band."""
+def test_welch_on_cross_fitted_scores_is_anti_conservative_which_is_why_permutation_is_the_default():
+    """H0: P, U i.i.d. N(0, I), n=40 a side, d=5; 300 seeds; Welch rejects above the 99% band at 0.05.
+
+    The out-of-fold scores of the K fold models are dependent (method doc, section 5), so the
+    paper's Welch p-value is too small under H0 (measured over 2000 seeds: 0.070 at alpha=0.05,
+    0.018 at alpha=0.01). cdi's default is the exact permutation test of the whole pipeline, whose
+    false-positive rate stays in the band (tests/stats/test_permutation.py); Welch stays available
+    as the paper's protocol.
+    """
     reps, alpha = 300, 0.05
     rejections = 0
     for seed in range(reps):
         X, y = _data(40, 40, seed=seed)
-        audit = DatasetInferenceTest(alpha=alpha, random_state=seed).fit(X, y)
+        audit = DatasetInferenceTest(alpha=alpha, random_state=seed, test="welch").fit(X, y)
         rejections += audit.verdict_ == "used"
     low, high = stats.binom.ppf([0.005, 0.995], reps, alpha)
-    assert low <= rejections <= high, f"{rejections}/{reps} rejected, band [{low:.0f}, {high:.0f}]"
+    assert rejections > high, f"{rejections}/{reps} rejected, band [{low:.0f}, {high:.0f}]"
 
 
 def test_power_under_h1_one_feature_shifted_by_one_sd():
