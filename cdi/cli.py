@@ -96,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", type=Path, default=None, help="HTML file (default report-<run id>.html)")
     report.add_argument("--tracking-uri", default=None)
 
+    calibrate = commands.add_parser("calibrate", help="false-positive rate and power on known members/non-members")
+    calibrate.add_argument("--model", required=True)
+    calibrate.add_argument("--members", required=True, help="folder of images the model was trained on")
+    calibrate.add_argument("--nonmembers", required=True, type=_features,
+                           help="comma-separated folders of images it was not trained on")
+    calibrate.add_argument("--access", choices=("gray", "white"), default="white")
+    calibrate.add_argument("--null-audits", type=_positive_int, default=500, help="null audits (default 500)")
+    calibrate.add_argument("--resamples", type=_positive_int, default=100, help="resamples per power point")
+    calibrate.add_argument("--permutations", type=_positive_int, default=199,
+                           help="permutations per simulated permutation test (default 199)")
+    calibrate.add_argument("--seed", type=_count, default=0)
+    calibrate.add_argument("--batch-size", type=_positive_int, default=50)
+    calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    calibrate.add_argument("--threads", type=_count, default=0)
+    calibrate.add_argument("--tracking-uri", default=None)
+    calibrate.add_argument("--output", type=Path, default=None, help="write the calibration JSON here")
+    calibrate.add_argument("--no-progress", action="store_true")
+
     verify = commands.add_parser("verify", help="re-hash model and images against an audit's manifest")
     verify.add_argument("run_id", help="MLflow run id of the audit")
     verify.add_argument("--model", required=True)
@@ -103,6 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--control", required=True)
     verify.add_argument("--tracking-uri", default=None)
     return parser
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cdi.calibration import run_calibration
+
+    _check_output_path(args.output)
+    _set_threads(args.threads)
+    run_id, result = run_calibration(
+        args.model, args.members, args.nonmembers, access=args.access, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, n_null=args.null_audits, n_resamples=args.resamples, n_permutations=args.permutations,
+        tracking_uri=args.tracking_uri, progress=not args.no_progress,
+    )
+    for row in result.false_positive:
+        print(f"false-positive rate ({row['test']}, alpha {row['alpha']}): {row['rate']:.3f} "
+              f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] over {row['n_audits']} null audits")
+    for row in result.power_vs_n:
+        print(f"power at n = {row['n']}: {row['power']:.2f} (median p {row['median_p']:.2g})")
+    for row in result.power_vs_contamination:
+        print(f"power at contamination {row['contamination']}: {row['power']:.2f} (n = {row['n']})")
+    print(f"run: {run_id}")
+    if args.output:
+        args.output.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return 0
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 0:
+        raise OptionError(f"--threads {threads}: must be 0 (torch's default) or a positive count")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -149,12 +201,7 @@ def run_audit(args: argparse.Namespace) -> int:
     from cdi.audit import audit
 
     _check_output_path(args.output)
-    if args.threads < 0:
-        raise OptionError(f"--threads {args.threads}: must be 0 (torch's default) or a positive count")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     result = audit(
         args.model,
         args.suspect,
@@ -223,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_audit(args)
         if args.command == "report":
             return run_report(args)
+        if args.command == "calibrate":
+            return run_calibrate(args)
         if args.command == "verify":
             return run_verify(args)
     except CDIError as exc:
