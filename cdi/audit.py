@@ -278,8 +278,8 @@ def audit(
             "num_nodes": num_nodes,
             "precision": precision,
             **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
-            "suspect": str(Path(suspect).resolve()),
-            "control": str(Path(control).resolve()),
+            "suspect_path": str(Path(suspect).resolve()),
+            "control_path": str(Path(control).resolve()),
         }
         tracking.log_params({**configuration, **_versions()})
         extraction = extract(

@@ -96,9 +96,12 @@ def experiment_name(run_id: str) -> str:
 
 
 def log_params(params: Mapping[str, Any]) -> None:
+    """Log params; keys that `mlflow run` already logged from the MLproject keep their value."""
     import mlflow
 
-    mlflow.log_params({key: _param_value(value) for key, value in params.items()})
+    run = mlflow.active_run()
+    existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({key: _param_value(value) for key, value in params.items() if key not in existing})
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:

@@ -1,0 +1,7 @@
+"""The audit report: one self-contained HTML page with the verdict, its checks and figures."""
+
+from __future__ import annotations
+
+from cdi.report._page import render_report, write_report
+
+__all__ = ["render_report", "write_report"]
