@@ -53,7 +53,7 @@ def test_audit_writes_result_json_and_a_complete_mlflow_run(tiny_model, image_se
     assert run.data.tags["cdi.model_fingerprint"] == result["model_fingerprint"]
     assert "Verdict" in run.data.tags["mlflow.note.content"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"features.csv", "result.json", "summary.md"} <= artifacts
+    assert {"features.csv", "result.json", "summary.md", "report.html", "manifest.json"} <= artifacts
     table = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/features.csv").splitlines()
     header = table[0].split(",")
     assert header[:4] == ["file_name", "path", "sha256", "set"] and header[-1] == "oof_score"

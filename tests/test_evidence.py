@@ -65,3 +65,15 @@ def test_shift_guard_warns_when_the_control_set_is_brighter(tiny_model, tmp_path
     assert result["shift_check"]["flagged"] is True and result["shift_check"]["auc"] > 0.9
     assert any("distribution shift" in w for w in result["warnings"])
     assert "WARNING: P and U differ" in capsys.readouterr().out
+
+
+def test_report_is_logged_and_rebuilt_from_a_past_run(tiny_model, image_sets, tmp_path, tracking_uri, capsys):
+    out = tmp_path / "r.json"
+    assert _audit(tiny_model, *image_sets, out, "--power-resamples", "0") == 0
+    run_id = json.loads(out.read_text())["run_id"]
+    rebuilt = tmp_path / "again.html"
+    assert main(["report", run_id, "--output", str(rebuilt)]) == 0
+    page = rebuilt.read_text()
+    assert 'class="verdict"' in page and run_id in page
+    assert main(["report", "0" * 32, "--output", str(tmp_path / "x.html")]) == 2  # unknown run: one-line error
+    assert "cdi: error: run 000" in capsys.readouterr().err
