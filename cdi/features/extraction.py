@@ -249,8 +249,10 @@ def extract(
         family_seconds: dict[str, float] = {}
         while todo:
             try:
-                family_seconds = _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress,
-                                          cache, devices, num_nodes, strategy, precision, channels_last, threads)
+                spent = _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress,
+                                 cache, devices, num_nodes, strategy, precision, channels_last, threads)
+                for family, sec in spent.items():
+                    family_seconds[family] = family_seconds.get(family, 0.0) + sec
                 break
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
                 if not _is_out_of_memory(exc) or batch_size == 1:
