@@ -73,13 +73,32 @@ REPORT_ARTIFACT = "report.html"
 MANIFEST_ARTIFACT = "manifest.json"
 
 
-def _image_statistics(records: Sequence[ImageRecord]) -> np.ndarray:
-    """Model-free statistics of each image as decoded from its file (for the shift guard)."""
+def _image_statistics(records: Sequence[ImageRecord], adapter: Any, batch_size: int) -> np.ndarray:
+    """Model-free statistics of each image as decoded from its file (for the shift guard).
+
+    For latent models the per-channel mean and standard deviation of the VAE latent are appended:
+    the encoder is part of the pipeline but not of the suspected training, and it sees shifts
+    (texture, compression) that pixel statistics can miss.
+    """
     rows = []
     for record in records:
         image = decode_image(record.path, 3)
         rows.append(image_statistics(np.asarray(image, dtype=np.uint8), image.size))
-    return np.stack(rows)
+    stats = np.stack(rows)
+    if adapter.info.family == "pixel_unet":
+        return stats
+    import torch
+
+    from cdi.data import load_image
+
+    info, latents = adapter.info, []
+    with torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            batch = torch.stack([load_image(r.path, info.image_size, info.image_channels)
+                                 for r in records[start : start + batch_size]])
+            z0 = adapter.encode(batch).flatten(2).float()
+            latents.append(torch.cat([z0.mean(dim=2), z0.std(dim=2)], dim=1).numpy())
+    return np.hstack([stats, np.vstack(latents)])
 
 
 def _report(result: "AuditResult", table: Any) -> str | None:
@@ -290,7 +309,7 @@ def audit(
         X = extraction.values
         tracking.set_tags({"cdi.status": "scoring"})
         found = assess(
-            X, labels, _image_statistics(records), names, alpha=alpha, folds=folds, seed=seed, test=test,
+            X, labels, _image_statistics(records, adapter, batch_size), names, alpha=alpha, folds=folds, seed=seed, test=test,
             n_permutations=n_permutations, power_resamples=power_resamples,
         )
         fitted = found.test
