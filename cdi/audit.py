@@ -241,10 +241,15 @@ def audit(
     test: str = "permutation",
     n_permutations: int = 1000,
     power_resamples: int = 100,
+    search_config: Any = None,
+    C: float = 1.0,
+    penalty: str = "l2",
 ) -> AuditResult | None:
     """Audit `model` for use of the `suspect` images against the `control` images.
 
     Returns None in a non-zero rank of a multi-process launch (rank 0 returns the result).
+    `search_config` (a `cdi.search.SearchConfig`): the search this audit's settings come from; its run id
+    is recorded and an image that was among its calibration data is refused.
     """
     import pandas as pd
 
@@ -260,6 +265,11 @@ def audit(
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
     suspect_records = apply_conditioning(suspect_records, adapter, prompt, class_label)
     control_records = apply_conditioning(control_records, adapter, prompt, class_label)
+    if search_config is not None:
+        from cdi.search import check_no_calibration_images
+
+        check_no_calibration_images([*suspect_records, *control_records], search_config)
+        C, penalty = float(search_config.C), str(search_config.penalty)
     if worker_rank() > 0:
         # A launcher (Lightning's ddp, torchrun, SLURM) started this process as one more rank: it only
         # computes its share of the features into the shared cache; rank 0 scores and logs the audit.
@@ -273,7 +283,8 @@ def audit(
     labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
 
     with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}") as run_id:
-        tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting"})
+        tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting",
+                           **({"cdi.search_run_id": str(search_config.search_run_id)} if search_config is not None else {})})
         configuration = {
             "model_path": str(Path(model).resolve()),
             "model_fingerprint": info.fingerprint,
@@ -289,6 +300,8 @@ def audit(
             "seed": seed,
             "alpha": alpha,
             "folds": folds,
+            "C": C,
+            "penalty": penalty,
             "test": TEST_NAMES[test],
             "n_permutations": n_permutations if test == "permutation" else None,
             "power_resamples": power_resamples,
@@ -299,6 +312,8 @@ def audit(
             **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
             "suspect_path": str(Path(suspect).resolve()),
             "control_path": str(Path(control).resolve()),
+            **({"cdi.search_run_id": search_config.search_run_id, "search.C": search_config.C,
+                "search.penalty": search_config.penalty} if search_config is not None else {}),
         }
         tracking.log_params({**configuration, **_versions()})
         extraction = extract(
@@ -310,7 +325,7 @@ def audit(
         tracking.set_tags({"cdi.status": "scoring"})
         found = assess(
             X, labels, _image_statistics(records, adapter, batch_size), names, alpha=alpha, folds=folds, seed=seed, test=test,
-            n_permutations=n_permutations, power_resamples=power_resamples,
+            n_permutations=n_permutations, power_resamples=power_resamples, C=C, penalty=penalty,
         )
         fitted = found.test
         result = AuditResult(

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     audit.add_argument("--output", type=Path, default=None, help="write the result JSON to this file")
     audit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    chosen = audit.add_mutually_exclusive_group()
+    chosen.add_argument("--config", type=Path, default=None,
+                        help="best_config.yaml of a search: its features, access, folds and seed replace those options")
+    chosen.add_argument("--from-search", default=None, metavar="RUN_ID",
+                        help="as --config, with the best_config.yaml downloaded from this search run")
     report = commands.add_parser("report", help="rebuild the HTML report of a past audit")
     report.add_argument("run_id", help="MLflow run id of the audit")
     report.add_argument("--output", type=Path, default=None, help="HTML file (default report-<run id>.html)")
@@ -113,6 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--tracking-uri", default=None)
     calibrate.add_argument("--output", type=Path, default=None, help="write the calibration JSON here")
     calibrate.add_argument("--no-progress", action="store_true")
+
+    from cdi.search.cli import add_search_parser
+
+    add_search_parser(commands)
+
+    server = commands.add_parser("server", help="run the team's MLflow tracking server (PostgreSQL + S3)")
+    server.add_argument("--backend-store-uri", required=True,
+                        help="database of runs, e.g. postgresql://cdi@db.example:5432/mlflow")
+    server.add_argument("--artifacts-destination", required=True,
+                        help="where the server stores artifacts, e.g. s3://bucket/cdi (clients need no S3 access)")
+    server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    server.add_argument("--port", type=_count, default=5000, help="port (default 5000)")
+    server.add_argument("--workers", type=_positive_int, default=4, help="worker processes (default 4)")
+    server.add_argument("--app-name", choices=("basic-auth",), default=None,
+                        help="basic-auth: users and passwords (MLflow's auth app; see MLFLOW_AUTH_CONFIG_PATH)")
+    server.add_argument("--s3-endpoint-url", default=None,
+                        help="S3-compatible endpoint such as MinIO (default $MLFLOW_S3_ENDPOINT_URL, else AWS)")
+    server.add_argument("--allowed-hosts", default=None,
+                        help="Host headers to accept when serving beyond localhost, e.g. mlflow.example.org")
+    server.add_argument("--dry-run", action="store_true", help="check the stores and print the command only")
 
     verify = commands.add_parser("verify", help="re-hash model and images against an audit's manifest")
     verify.add_argument("run_id", help="MLflow run id of the audit")
@@ -171,6 +196,21 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_server(args: argparse.Namespace) -> int:
+    from cdi import server
+
+    config = server.ServerConfig(
+        backend_store_uri=args.backend_store_uri, artifacts_destination=args.artifacts_destination,
+        host=args.host, port=args.port, workers=args.workers, app_name=args.app_name,
+        s3_endpoint_url=args.s3_endpoint_url, allowed_hosts=args.allowed_hosts,
+    )
+    server.check(config)
+    print(config.shell_line(), flush=True)
+    if not args.dry_run:
+        server.exec_server(config)
+    return 0
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from cdi import tracking
     from cdi.manifest import verify
@@ -202,6 +242,10 @@ def run_audit(args: argparse.Namespace) -> int:
 
     _check_output_path(args.output)
     _set_threads(args.threads)
+    search_config = _search_config(args)
+    if search_config is not None:
+        args.features, args.access = search_config.features, search_config.access
+        args.folds, args.seed = search_config.folds, search_config.seed
     result = audit(
         args.model,
         args.suspect,
@@ -229,6 +273,7 @@ def run_audit(args: argparse.Namespace) -> int:
         test=args.test,
         n_permutations=args.permutations,
         power_resamples=args.power_resamples,
+        search_config=search_config,
     )
     if result is None:
         print("features of this rank are in the cache; rank 0 reports the audit")
@@ -244,6 +289,19 @@ def run_audit(args: argparse.Namespace) -> int:
         args.output.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
         print(f"result: {args.output}")
     return 0
+
+
+def _search_config(args: argparse.Namespace):
+    """The search result named by --config or --from-search, or None."""
+    from cdi.search import SearchConfig, download_config
+
+    if args.config is not None:
+        return SearchConfig.read(args.config)
+    if args.from_search:
+        from cdi import tracking
+
+        return download_config(args.from_search, tracking.resolve_tracking_uri(args.tracking_uri))
+    return None
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -274,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_calibrate(args)
         if args.command == "verify":
             return run_verify(args)
+        if args.command == "server":
+            return run_server(args)
+        if args.command == "search":
+            from cdi.search.cli import run_search_command
+
+            return run_search_command(args)
     except CDIError as exc:
         sys.stderr.write(f"cdi: error: {exc}\n")
         return exc.exit_code

@@ -49,9 +49,11 @@ def assess(
     test: str = "permutation",
     n_permutations: int = 1000,
     power_resamples: int = 100,
+    C: float = 1.0,
+    penalty: str = "l2",
 ) -> Assessment:
     fitted = DatasetInferenceTest(
-        n_splits=folds, alpha=alpha, random_state=seed, test=test, n_permutations=n_permutations
+        n_splits=folds, C=C, penalty=penalty, alpha=alpha, random_state=seed, test=test, n_permutations=n_permutations
     ).fit(X, labels)
     scores = fitted.scores_
     welch = welch_one_sided(scores[labels == 1], scores[labels == 0])
@@ -70,7 +72,7 @@ def assess(
     if power_resamples > 0:
         # Welch per resample keeps the curve to seconds; it approximates the permutation test's power.
         power = power_curve(X, labels, n_resamples=power_resamples, alpha=alpha, test="welch",
-                            random_state=seed, n_splits=folds)
+                            random_state=seed, n_splits=folds, C=C, penalty=penalty)
     warnings = []
     if shift["flagged"]:
         warnings.append(

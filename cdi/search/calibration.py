@@ -1,0 +1,95 @@
+"""Calibration data for a search: features of images whose membership is known, extracted once.
+
+Two sources:
+- known membership: a reference model with member and non-member folders (default: the demo);
+- split: a seeded fraction of an owner's P and U, held out for the search; the rest stays for the
+  audit, and the held-out images' hashes travel with the search result so the audit can refuse them.
+All features of the search space are extracted in one pass (`cdi.features.extract`, cached on disk),
+so a trial costs only scoring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cdi.data import ImageRecord, build_image_sets, check_decodable, discover_images
+from cdi.errors import ImageSetError, OptionError
+from cdi.search.objective import CalibrationData
+
+
+def _extract(model: str | Path, records: Sequence[ImageRecord], names: Sequence[str], *, seed: int,
+             batch_size: int, device: str, cache_dir: str | Path | None, progress: bool) -> tuple[np.ndarray, str]:
+    from cdi.features import extract
+    from cdi.models import load_model
+
+    adapter = load_model(model)
+    check_decodable(records, adapter.info.image_size, adapter.info.image_channels)
+    report = extract(adapter, records, names, seed=seed, batch_size=batch_size, device=device, progress=progress,
+                     cache_dir=cache_dir)
+    return report.values, adapter.info.fingerprint
+
+
+def known_membership(model: str | Path, members: str | Path, nonmembers: Sequence[str | Path], names: Sequence[str],
+                     *, seed: int = 0, batch_size: int = 50, device: str = "auto",
+                     cache_dir: str | Path | None = None, progress: bool = False) -> CalibrationData:
+    """Members (label 1) and non-members (label 0) of a reference model."""
+    if not nonmembers:
+        raise OptionError("--nonmembers: give at least one folder of images the model was not trained on")
+    member_records = discover_images(members, "suspect", "--members")
+    nonmember_records = [r for folder in nonmembers for r in discover_images(folder, "control", "--nonmembers")]
+    member_hashes = {r.sha256: r for r in member_records}
+    for record in nonmember_records:
+        if record.sha256 in member_hashes:
+            raise ImageSetError(f"{record.path}: also a member ({member_hashes[record.sha256].path}); "
+                                "members and non-members must be disjoint")
+    records = [*member_records, *nonmember_records]
+    X, fingerprint = _extract(model, records, names, seed=seed, batch_size=batch_size, device=device,
+                              cache_dir=cache_dir, progress=progress)
+    return CalibrationData(
+        X=X, y=np.array([1] * len(member_records) + [0] * len(nonmember_records)), names=tuple(names),
+        sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
+        description={"mode": "known", "model": str(Path(model).resolve()), "model_fingerprint": fingerprint,
+                     "members": str(Path(members).resolve()),
+                     "nonmembers": [str(Path(f).resolve()) for f in nonmembers],
+                     "n_members": len(member_records), "n_nonmembers": len(nonmember_records)},
+    )
+
+
+def held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -> list[ImageRecord]:
+    """A seeded `fraction` of `records`, chosen by content (sha256 order), not by file order."""
+    ordered = sorted(records, key=lambda r: r.sha256)
+    count = int(round(fraction * len(ordered)))
+    chosen = np.random.default_rng(seed).choice(len(ordered), size=count, replace=False)
+    return [ordered[i] for i in sorted(chosen)]
+
+
+def split(model: str | Path, suspect: str | Path, control: str | Path, names: Sequence[str], *, fraction: float,
+          seed: int = 0, batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
+          progress: bool = False) -> CalibrationData:
+    """A seeded `fraction` of the owner's P (label 1) and U (label 0), held out for the search."""
+    if not 0.0 < fraction < 1.0:
+        raise OptionError(f"--calibration-fraction {fraction}: must lie strictly between 0 and 1 (e.g. 0.3)")
+    from cdi.models import load_model
+
+    info = load_model(model).info
+    suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
+    p_cal, u_cal = held_out(suspect_records, fraction, seed), held_out(control_records, fraction, seed + 1)
+    if min(len(p_cal), len(u_cal)) < 6:
+        raise OptionError(f"--calibration-fraction {fraction}: holds out {len(p_cal)} suspect and {len(u_cal)} "
+                          "control images; at least 6 per side are needed: raise the fraction or add images")
+    records = [*p_cal, *u_cal]
+    X, fingerprint = _extract(model, records, names, seed=seed, batch_size=batch_size, device=device,
+                              cache_dir=cache_dir, progress=progress)
+    return CalibrationData(
+        X=X, y=np.array([1] * len(p_cal) + [0] * len(u_cal)), names=tuple(names),
+        sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
+        description={"mode": "split", "model": str(Path(model).resolve()), "model_fingerprint": fingerprint,
+                     "suspect": str(Path(suspect).resolve()), "control": str(Path(control).resolve()),
+                     "fraction": fraction, "n_members": len(p_cal), "n_nonmembers": len(u_cal)},
+    )
+
+
+__all__ = ["held_out", "known_membership", "split"]

@@ -1,0 +1,88 @@
+"""The `cdi search` subcommand: its options and the thin call into `cdi.search.run_search`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _count(text: str) -> int:
+    from cdi.cli import _count as count
+
+    return count(text)
+
+
+def _folders(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_search_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    search = commands.add_parser(
+        "search", help="search features and scorer settings on calibration data (Optuna), export best_config.yaml",
+        description="Calibration data: --members/--nonmembers of a reference model (default: the demo), or "
+                    "--suspect/--control with --calibration-fraction held out of an owner's P and U.")
+    search.add_argument("--model", default="demo/model", help="diffusers pipeline directory (default demo/model)")
+    search.add_argument("--members", default=None, help="images the model was trained on (default demo/members)")
+    search.add_argument("--nonmembers", type=_folders, default=[],
+                        help="comma-separated folders of images it was not trained on (default the demo's)")
+    search.add_argument("--suspect", default=None, help="split mode: the owner's P; a fraction is held out")
+    search.add_argument("--control", default=None, help="split mode: the owner's U; a fraction is held out")
+    search.add_argument("--calibration-fraction", type=float, default=0.3,
+                        help="split mode: fraction of P and of U held out for the search (default 0.3)")
+    search.add_argument("--space", type=Path, default=None, help="search space YAML (default: built in, see --access)")
+    search.add_argument("--access", choices=("gray", "white"), default="white",
+                        help="built-in space: gray (DL, SecMI, PIA, PIAN, ML) or white (+ GM, NO; default)")
+    search.add_argument("--n-trials", type=_count, default=40, help="trials of this call (default 40)")
+    search.add_argument("--n", type=_count, default=50, help="images per side in each resample (default 50)")
+    search.add_argument("--resamples", type=_count, default=10, help="resamples per trial (default 10)")
+    search.add_argument("--alpha", type=float, default=0.01, help="level for the reported power (default 0.01)")
+    search.add_argument("--seed", type=_count, default=0, help="seed of features, resamples and sampler (default 0)")
+    search.add_argument("--multi-objective", action="store_true",
+                        help="also minimise model passes per image (NSGA-II); reports the Pareto front")
+    search.add_argument("--study-name", default="cdi-search", help="Optuna study name (default cdi-search)")
+    search.add_argument("--storage", default=None,
+                        help="study storage URL (sqlite:///search.db, postgresql://...); default in memory")
+    search.add_argument("--n-workers", type=_count, default=1,
+                        help="worker processes on the study (default 1; more need --storage)")
+    search.add_argument("--batch-size", type=_count, default=50)
+    search.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    search.add_argument("--cache-dir", default=None, help="feature cache folder (default as for audit)")
+    search.add_argument("--experiment", default="cdi-search", help="MLflow experiment (default cdi-search)")
+    search.add_argument("--tracking-uri", default=None)
+    search.add_argument("--output", type=Path, default=None, help="also write best_config.yaml here")
+    search.add_argument("--no-progress", action="store_true")
+    return search
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    from cdi.errors import OptionError
+    from cdi.search.run import run_search
+
+    if args.n_workers > 1 and args.storage is None:
+        raise OptionError(f"--n-workers {args.n_workers}: worker processes share the study through a database; "
+                          "add --storage sqlite:///search.db (or a postgresql:// URL)")
+    if args.output is not None and args.output.is_dir():
+        raise OptionError(f"--output {args.output}: is a directory; give a file name such as best_config.yaml")
+    outcome = run_search(
+        model=args.model, members=args.members, nonmembers=args.nonmembers, suspect=args.suspect,
+        control=args.control, calibration_fraction=args.calibration_fraction, space=args.space, access=args.access,
+        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress,
+        n_trials=args.n_trials, n=args.n, n_resamples=args.resamples, alpha=args.alpha, seed=args.seed,
+        multi_objective=args.multi_objective, study_name=args.study_name, storage=args.storage,
+        n_workers=args.n_workers, experiment=args.experiment, tracking_uri=args.tracking_uri,
+    )
+    config = outcome.config
+    objective = config.objective
+    print(f"best (trial {objective['trial']}): {len(config.features)} features {','.join(config.features)}")
+    print(f"  C = {config.C:.3g}, penalty {config.penalty}, folds {config.folds}, access {config.access}; "
+          f"mean -log10 p = {objective['value']:.3g}, power {objective['power']:.2f} at alpha {objective['alpha']}, "
+          f"{objective['passes_per_image']} model passes per image")
+    for point in outcome.pareto_front:
+        print(f"pareto: trial {point['trial']}: {point['passes_per_image']} passes/image, "
+              f"mean -log10 p {point['strength']:.3g}, power {point['power']:.2f}: {','.join(point['features'])}")
+    print(f"features {outcome.seconds_features:.1f} s, trials {outcome.seconds_trials:.1f} s")
+    print(f"run: {outcome.run_id} (artifact best_config.yaml; audit with: cdi audit --from-search {outcome.run_id})")
+    if args.output is not None:
+        config.write(args.output)
+        print(f"config: {args.output}")
+    return 0

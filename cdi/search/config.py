@@ -1,0 +1,88 @@
+"""The result a search hands to an audit (`best_config.yaml`), and the guard against reusing its data.
+
+Hyperparameters chosen on some images must not be judged on the same images (method doc, section 5):
+an audit run from a search refuses a suspect or control image whose sha256 is among the search's
+calibration images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from cdi.errors import ImageSetError, OptionError
+
+CONFIG_ARTIFACT = "best_config.yaml"
+
+
+@dataclass
+class SearchConfig:
+    """The chosen configuration: features and scorer settings, and the data it was chosen on."""
+
+    features: list[str]
+    C: float
+    penalty: str
+    folds: int
+    access: str
+    seed: int
+    objective: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # description; `sha256`: the images' hashes
+    search_run_id: str | None = None
+    study_name: str | None = None
+
+    @property
+    def calibration_hashes(self) -> set[str]:
+        return set(self.calibration.get("sha256", []) or [])
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> SearchConfig:
+        missing = [key for key in ("features", "C", "penalty", "folds", "access", "seed") if key not in data]
+        if missing:
+            raise OptionError(f"--config {where}: missing key(s) {', '.join(missing)}; "
+                              f"use the {CONFIG_ARTIFACT} a `cdi search` run exported")
+        known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        known.update(features=[str(f) for f in data["features"]], C=float(data["C"]), folds=int(data["folds"]),
+                     seed=int(data["seed"]), penalty=str(data["penalty"]), access=str(data["access"]))
+        return cls(**known)
+
+    @classmethod
+    def read(cls, path: str | Path) -> SearchConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise OptionError(f"--config {path}: no such file; pass the {CONFIG_ARTIFACT} of a search")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise OptionError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(data, dict):
+            raise OptionError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+        return cls.from_dict(data, str(path))
+
+
+def check_no_calibration_images(records: Sequence[Any], config: SearchConfig) -> None:
+    """Refuse an audit whose images (P or U) include any of the search's calibration images."""
+    hashes = config.calibration_hashes
+    for record in records:
+        if record.sha256 in hashes:
+            shared = sum(r.sha256 in hashes for r in records)
+            source = f"search run {config.search_run_id}" if config.search_run_id else "the search"
+            raise ImageSetError(
+                f"{record.path}: this image (and {shared - 1} more) was calibration data of {source}; "
+                "a configuration must not be judged on the images it was chosen on: remove them or audit other images"
+            )
+
+
+__all__ = ["CONFIG_ARTIFACT", "SearchConfig", "check_no_calibration_images"]

@@ -1,0 +1,134 @@
+"""`run_search`: calibration features once, the study, the MLflow record and the best configuration."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from cdi import tracking
+from cdi.search import calibration
+from cdi.search.config import SearchConfig
+from cdi.search.objective import CalibrationData
+from cdi.search.space import SearchSpace, builtin_space
+from cdi.search.study import (
+    Objective, SearchSettings, _redact, best_config, create_study, new_session, optimize, trials_of,
+)
+from cdi.search.tracking import DEFAULT_EXPERIMENT, log_study, log_trials
+
+log = logging.getLogger(__name__)
+
+DEMO = {"model": "demo/model", "members": "demo/members", "nonmembers": ("demo/heldout", "demo/heldout2")}
+
+
+@dataclass
+class SearchOutcome:
+    config: SearchConfig
+    run_id: str
+    study: Any
+    pareto_front: list[dict[str, Any]]
+    seconds_features: float
+    seconds_trials: float
+
+
+def objective_names(multi_objective: bool) -> list[str]:
+    return ["strength", "passes_per_image"] if multi_objective else ["strength"]
+
+
+def load_space(space: str | Path | None, access: str) -> SearchSpace:
+    return SearchSpace.from_yaml(space) if space else builtin_space(access)
+
+
+def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Path | None = None,
+                     nonmembers: Sequence[str | Path] = (), suspect: str | Path | None = None,
+                     control: str | Path | None = None, calibration_fraction: float = 0.3, seed: int = 0,
+                     batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
+                     progress: bool = False) -> CalibrationData:
+    """Known members/non-members, or (with suspect and control) a held-out split of an owner's P and U."""
+    from cdi.errors import OptionError
+
+    names = space.all_features
+    if suspect is not None or control is not None:
+        if suspect is None or control is None or members is not None:
+            raise OptionError("calibration split: give both --suspect and --control, and no --members")
+        return calibration.split(model, suspect, control, names, fraction=calibration_fraction, seed=seed,
+                                 batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
+    if members is None:
+        raise OptionError("give --members and --nonmembers (known membership) or --suspect and --control (split)")
+    return calibration.known_membership(model, members, nonmembers, names, seed=seed, batch_size=batch_size,
+                                        device=device, cache_dir=cache_dir, progress=progress)
+
+
+def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: int = 50, n_resamples: int = 10,
+           alpha: float = 0.01, seed: int = 0, multi_objective: bool = False, study_name: str = "cdi-search",
+           storage: str | None = None, n_workers: int = 1, experiment: str = DEFAULT_EXPERIMENT,
+           tracking_uri: str | None = None, seconds_features: float = 0.0) -> SearchOutcome:
+    """Run the study on `data` and record it as one MLflow run with a nested run per trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    session = new_session()
+    objective = Objective(data, space, n=n, n_resamples=n_resamples, alpha=alpha, seed=seed,
+                          multi_objective=multi_objective, session=session)
+    if n_workers > 1 and storage is None:
+        optimize(None, objective, n_trials=n_trials, n_workers=n_workers, storage=None)  # raises the clear error
+    study = create_study(study_name, storage, multi_objective=multi_objective, seed=seed, n_trials=n_trials)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    names = objective_names(multi_objective)
+    settings = SearchSettings(n=n, n_resamples=n_resamples, alpha=alpha, seed=seed, multi_objective=multi_objective)
+    with tracking.audit_run(uri, experiment, run_name=f"search-{study_name}") as run_id:
+        tracking.set_tags({"cdi.kind": "search", "cdi.study_name": study_name, "cdi.status": "searching"})
+        tracking.log_params({
+            "study_name": study_name, "storage": _redact(storage) if storage else "in-memory", "n_trials": n_trials,
+            "n_workers": n_workers, "n_per_side": n, "resamples": n_resamples, "alpha": alpha, "seed": seed,
+            "multi_objective": multi_objective, "space": space.name, "space_features": ",".join(space.all_features),
+            "session": session,
+            **{f"calibration.{k}": v for k, v in data.description.items()},
+            "calibration.n_images": len(data.sha256),
+        })
+        started = time.perf_counter()
+        optimize(study, objective, n_trials=n_trials, n_workers=n_workers, storage=storage, seed=seed)
+        seconds_trials = time.perf_counter() - started
+        mine = trials_of(study, session)
+        log_trials(run_id, mine, names)
+        config = best_config(study, space, data, settings, run_id)
+        front = []
+        if multi_objective:
+            seen: set[tuple[float, float]] = set()
+            for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
+                if tuple(t.values) in seen:  # samplers repeat configurations; report each point once
+                    continue
+                seen.add(tuple(t.values))
+                front.append({"trial": t.number, "strength": t.values[0], "passes_per_image": int(t.values[1]),
+                              "power": t.user_attrs["power"], "features": t.user_attrs["features"]})
+        log_study(study, config, data.files, data.sha256, data.y.tolist(), names, {
+            "best_strength": config.objective["value"], "best_power": config.objective["power"],
+            "best_passes_per_image": config.objective["passes_per_image"], "n_trials_run": len(mine),
+            "n_trials_study": len(study.trials), "seconds_features": seconds_features,
+            "seconds_trials": seconds_trials, **({"pareto_size": len(front)} if multi_objective else {}),
+        })
+        tracking.set_tags({"cdi.status": "done"})
+    return SearchOutcome(config=config, run_id=run_id, study=study, pareto_front=front,
+                         seconds_features=seconds_features, seconds_trials=seconds_trials)
+
+
+def run_search(*, model: str | Path = DEMO["model"], members: str | Path | None = None,
+               nonmembers: Sequence[str | Path] = (), suspect: str | Path | None = None,
+               control: str | Path | None = None, calibration_fraction: float = 0.3, space: str | Path | None = None,
+               access: str = "white", batch_size: int = 50, device: str = "auto",
+               cache_dir: str | Path | None = None, progress: bool = False, **options: Any) -> SearchOutcome:
+    """Calibration features (extracted once, cached), then `search`. Defaults: the demo's members."""
+    if members is None and suspect is None and control is None:
+        members, nonmembers = DEMO["members"], nonmembers or DEMO["nonmembers"]
+    search_space = load_space(space, access)
+    seed = int(options.get("seed", 0))
+    started = time.perf_counter()
+    data = calibration_data(search_space, model=model, members=members, nonmembers=nonmembers, suspect=suspect,
+                            control=control, calibration_fraction=calibration_fraction, seed=seed,
+                            batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
+    return search(data, search_space, seconds_features=time.perf_counter() - started, **options)
+
+
+__all__ = ["DEMO", "SearchOutcome", "calibration_data", "load_space", "objective_names", "run_search", "search"]

@@ -1,0 +1,205 @@
+"""The Optuna study: one objective over cached calibration features, one or many worker processes.
+
+Storage is in memory by default; a database URL (`sqlite:///...`, `postgresql://...`) makes a study
+resumable and lets several processes (`n_workers`, or several `cdi search` calls with the same study
+name and storage) share it. The study is created (`load_if_exists=True`) before workers start.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cdi.errors import OptionError
+from cdi.search.config import SearchConfig
+from cdi.search.objective import CalibrationData, detection_score, resamples
+from cdi.search.space import SearchSpace, access_for, passes_per_image
+
+log = logging.getLogger(__name__)
+
+SESSION_ATTR = "cdi.session"
+
+
+class Objective:
+    """Optuna objective: a trial's feature subset and scorer settings -> strength [, passes per image].
+
+    Picklable (worker processes receive it whole). Empty feature sets are pruned.
+    """
+
+    def __init__(self, data: CalibrationData, space: SearchSpace, *, n: int = 50, n_resamples: int = 10,
+                 alpha: float = 0.01, seed: int = 0, multi_objective: bool = False, session: str = "") -> None:
+        if n < 6:
+            raise OptionError(f"--n {n}: resamples need at least 6 images per side (5 folds + 1)")
+        if n_resamples < 1:
+            raise OptionError(f"--resamples {n_resamples}: must be at least 1")
+        missing = [f for f in space.all_features if f not in data.names]
+        if missing:
+            raise OptionError(f"calibration features lack {', '.join(missing)} of search space {space.name!r}")
+        self.data, self.space = data, space
+        self.n, self.n_resamples, self.alpha, self.seed = n, n_resamples, alpha, seed
+        self.multi_objective, self.session = multi_objective, session
+        self.draws = resamples(data.y, n, n_resamples, seed)
+
+    def __call__(self, trial: Any) -> float | tuple[float, float]:
+        import optuna
+
+        params = self.space.suggest(trial)
+        features = self.space.features(params)
+        trial.set_user_attr(SESSION_ATTR, self.session)
+        trial.set_user_attr("features", list(features))
+        if not features:
+            raise optuna.TrialPruned("no feature switched on")
+        passes = passes_per_image(features)
+        score = detection_score(self.data.columns(features), self.data.y, self.draws, C=params["C"],
+                                penalty=params["penalty"], folds=params["folds"], alpha=self.alpha, seed=self.seed)
+        trial.set_user_attr("power", score.power)
+        trial.set_user_attr("median_p", score.median_p)
+        trial.set_user_attr("passes_per_image", passes)
+        return (score.strength, float(passes)) if self.multi_objective else score.strength
+
+
+def open_storage(url: str | None) -> Any:
+    """None (in memory) or an RDB storage; SQLite waits for locks instead of failing at once."""
+    if url is None:
+        return None
+    import optuna
+
+    if not url.startswith(("sqlite:", "postgresql", "mysql")):
+        raise OptionError(f"--storage {url}: give a database URL such as sqlite:///search.db or "
+                          "postgresql://user@host/db")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError as exc:  # e.g. no PostgreSQL driver installed
+        raise OptionError(f"--storage {_redact(url)}: {exc}; install the database driver (PostgreSQL: pip install 'psycopg[binary]')") from exc
+    except Exception as exc:  # SQLAlchemy's OperationalError and friends: the database does not answer
+        raise OptionError(f"--storage {_redact(url)}: cannot open the study storage "
+                          f"({str(exc).strip().splitlines()[0]})") from exc
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs and params."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else url
+    return url
+
+
+def _sampler(multi_objective: bool, seed: int, n_trials: int) -> Any:
+    import optuna
+
+    if multi_objective:
+        return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, n_trials // 4)), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, n_trials // 4)))
+
+
+def create_study(study_name: str, storage: str | None, *, multi_objective: bool, seed: int, n_trials: int) -> Any:
+    import optuna
+
+    directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage), directions=directions,
+                                sampler=_sampler(multi_objective, seed, n_trials), load_if_exists=True)
+    if len(study.directions) != len(directions):
+        raise OptionError(f"--study-name {study_name}: the stored study has {len(study.directions)} objective(s); "
+                          "use another study name or the same --multi-objective setting")
+    return study
+
+
+def _worker(study_name: str, storage: str, objective: Objective, n_trials: int, seed: int) -> None:
+    """One worker process: load the shared study and run its share of the trials."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage),
+                              sampler=_sampler(objective.multi_objective, seed, n_trials))
+    study.optimize(objective, n_trials=n_trials)
+
+
+def optimize(study: Any, objective: Objective, *, n_trials: int, n_workers: int = 1, storage: str | None = None,
+             seed: int = 0) -> None:
+    """Run `n_trials` trials in this process, or split them over `n_workers` processes sharing `storage`."""
+    if n_trials < 1:
+        raise OptionError(f"--n-trials {n_trials}: must be at least 1")
+    if n_workers < 1:
+        raise OptionError(f"--n-workers {n_workers}: must be at least 1")
+    if n_workers == 1:
+        study.optimize(objective, n_trials=n_trials)
+        return
+    if storage is None:
+        raise OptionError(f"--n-workers {n_workers}: worker processes share the study through a database; "
+                          "add --storage sqlite:///search.db (or a postgresql:// URL)")
+    shares = [n_trials // n_workers + (i < n_trials % n_workers) for i in range(n_workers)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding BLAS/OpenMP threads
+    workers = [context.Process(target=_worker, args=(study.study_name, storage, objective, share, seed + 1 + i))
+               for i, share in enumerate(shares) if share]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    failed = [w.exitcode for w in workers if w.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} search worker(s) failed (exit codes {failed}); see their output above")
+
+
+def best_trial(study: Any) -> Any:
+    """The best finished trial; with two objectives, the strongest on the Pareto front (fewest passes on ties)."""
+    if len(study.directions) == 1:
+        return study.best_trial
+    front = study.best_trials
+    if not front:
+        raise ValueError("no finished trial")
+    return max(front, key=lambda t: (t.values[0], -t.values[1]))
+
+
+@dataclass
+class SearchSettings:
+    n: int
+    n_resamples: int
+    alpha: float
+    seed: int
+    multi_objective: bool
+
+
+def best_config(study: Any, space: SearchSpace, data: CalibrationData, settings: SearchSettings,
+                run_id: str | None) -> SearchConfig:
+    trial = best_trial(study)
+    features = list(trial.user_attrs["features"])
+    return SearchConfig(
+        features=features,
+        C=float(trial.params["C"]),
+        penalty=str(trial.params["penalty"]),
+        folds=int(trial.params["folds"]),
+        access=access_for(features),
+        seed=settings.seed,
+        objective={
+            "name": "mean -log10 Welch p",
+            "value": float(trial.values[0]),
+            "power": float(trial.user_attrs["power"]),
+            "median_p": float(trial.user_attrs["median_p"]),
+            "alpha": settings.alpha,
+            "passes_per_image": int(trial.user_attrs["passes_per_image"]),
+            "n_per_side": settings.n,
+            "resamples": settings.n_resamples,
+            "trial": trial.number,
+            "space": space.name,
+        },
+        calibration={**data.description, "sha256": sorted(set(data.sha256))},
+        search_run_id=run_id,
+        study_name=study.study_name,
+    )
+
+
+def new_session() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def trials_of(study: Any, session: str | None = None) -> list[Any]:
+    return [t for t in study.get_trials(deepcopy=False) if session is None or t.user_attrs.get(SESSION_ATTR) == session]
+
+
+__all__ = ["Objective", "SearchSettings", "best_config", "best_trial", "create_study", "open_storage", "optimize",
+           "new_session", "trials_of"]

@@ -1,0 +1,101 @@
+"""Using a search's result: `cdi audit --config/--from-search`, and the refusal of calibration images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cdi.cli import main
+from cdi.data import discover_images
+from cdi.errors import ImageSetError
+from cdi.search import SearchConfig, builtin_space, check_no_calibration_images, search
+
+
+def _config(**changes) -> SearchConfig:
+    base = dict(features=["DL", "PIA"], C=1.0, penalty="l2", folds=3, access="gray", seed=1,
+                calibration={"mode": "known", "sha256": []}, search_run_id="abc123")
+    return SearchConfig(**{**base, **changes})
+
+
+def test_config_survives_a_yaml_round_trip(tmp_path):
+    config = _config(C=0.25, penalty="l1", calibration={"mode": "split", "sha256": ["a" * 64]})
+    again = SearchConfig.read(config.write(tmp_path / "best_config.yaml"))
+    assert again == config and again.calibration_hashes == {"a" * 64}
+
+
+def test_guard_names_one_shared_file(image_sets):
+    records = discover_images(image_sets[0], "suspect")
+    leaked = records[3]
+    with pytest.raises(ImageSetError) as caught:
+        check_no_calibration_images(records, _config(calibration={"sha256": [leaked.sha256, "f" * 64]}))
+    message = str(caught.value)
+    assert str(leaked.path) in message and "search run abc123" in message and "\n" not in message
+    check_no_calibration_images(records, _config())  # no overlap: nothing to refuse
+
+
+def _audit(model, suspect, control, *extra):
+    return main(["audit", "--model", str(model), "--suspect", str(suspect), "--control", str(control),
+                 "--no-progress", "--batch-size", "12", "--test", "welch", "--power-resamples", "0",
+                 "--experiment", "search-audits", *extra])
+
+
+def test_audit_refuses_images_of_the_search_calibration_data(tiny_model, image_sets, tracking_uri, tmp_path, capsys):
+    leaked = discover_images(image_sets[1], "control")[0]
+    path = _config(calibration={"sha256": [leaked.sha256]}).write(tmp_path / "best_config.yaml")
+    code = _audit(tiny_model, *image_sets, "--config", str(path))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and str(leaked.path) in err and "calibration data" in err
+
+
+def test_audit_from_search_uses_and_records_the_search(tiny_model, image_sets, tracking_uri, synthetic, tmp_path,
+                                                       capsys):
+    outcome = search(synthetic(n_per_side=30), builtin_space("gray"), n_trials=3, n=20, n_resamples=1,
+                     experiment="search-unit")
+    code = _audit(tiny_model, *image_sets, "--from-search", outcome.run_id, "--output", str(tmp_path / "r.json"))
+    assert code == 0, capsys.readouterr().err
+    import json
+
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["features"] == outcome.config.features and result["folds"] == outcome.config.folds
+    run = mlflow.MlflowClient(tracking_uri).get_run(result["run_id"])
+    assert run.data.params["cdi.search_run_id"] == outcome.run_id
+    assert run.data.tags["cdi.search_run_id"] == outcome.run_id
+
+
+def test_from_search_with_an_unknown_run_is_a_user_error(tracking_uri, tiny_model, image_sets, capsys):
+    assert _audit(tiny_model, *image_sets, "--from-search", "0" * 32) == 2
+    assert "--from-search" in capsys.readouterr().err
+
+
+def test_search_cli_on_the_tiny_model_writes_a_usable_config(tiny_model, image_sets, tracking_uri, tmp_path, capsys):
+    out = tmp_path / "best.yaml"
+    code = main(["search", "--model", str(tiny_model), "--members", str(image_sets[0]),
+                 "--nonmembers", str(image_sets[1]), "--access", "gray", "--n-trials", "3", "--n", "10",
+                 "--resamples", "1", "--no-progress", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    config = SearchConfig.read(out)
+    assert config.calibration["mode"] == "known" and len(config.calibration_hashes) == 24
+    assert Path(config.calibration["members"]) == Path(image_sets[0]).resolve()
+    assert "run:" in capsys.readouterr().out
+    assert main(["search", "--n-workers", "2", "--model", str(tiny_model)]) == 2
+
+
+def test_split_mode_holds_out_a_seeded_part_of_p_and_u_and_the_audit_refuses_it(tiny_model, image_sets,
+                                                                                 tracking_uri, tmp_path, capsys):
+    out = tmp_path / "split.yaml"
+    args = ["search", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control", str(image_sets[1]),
+            "--calibration-fraction", "0.5", "--access", "gray", "--n-trials", "2", "--n", "6", "--resamples", "1",
+            "--no-progress", "--output", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    config = SearchConfig.read(out)
+    suspect_hashes = {r.sha256 for r in discover_images(image_sets[0], "suspect")}
+    assert config.calibration["mode"] == "split" and len(config.calibration_hashes) == 12
+    assert len(config.calibration_hashes & suspect_hashes) == 6
+    assert main(args[:-1] + [str(tmp_path / "again.yaml")]) == 0  # same seed, same held-out images
+    assert SearchConfig.read(tmp_path / "again.yaml").calibration_hashes == config.calibration_hashes
+    capsys.readouterr()
+    assert _audit(tiny_model, *image_sets, "--config", str(out)) == 2
+    assert "calibration data" in capsys.readouterr().err

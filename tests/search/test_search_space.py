@@ -1,0 +1,51 @@
+"""Search space: switches map to the paper's features; the cost model counts passes per image by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdi.errors import OptionError
+from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES
+from cdi.search import SearchSpace, access_for, builtin_space, passes_per_image
+
+SPACES = Path(__file__).resolve().parents[2] / "search" / "spaces"
+
+
+@pytest.mark.parametrize(("features", "passes"), [
+    (FEATURE_NAMES, 5 + 12 + 3 + 10 * 3 + 16),  # ML_t free beside GM_t; NO: 8 forward+backward evaluations
+    (GRAY_BOX_FEATURES, 5 + 12 + 3 + 10),
+    (("PIAN",), 2),  # eps0 + one forward
+    (("PIA", "PIAN"), 3),
+    (("GM_0", "ML_0", "ML_100"), 3 + 1),
+    (("NO_delta",), 16),
+    ((), 0),
+])
+def test_passes_per_image_follow_the_family_definitions(features, passes):
+    assert passes_per_image(features) == passes
+
+
+def test_switches_select_families_and_timestep_groups_in_index_order():
+    space = builtin_space("white")
+    params = {"use_NO": True, "use_GM_high": True, "use_ML_low": True, "use_DL": False}
+    assert space.features(params) == ("GM_700", "GM_800", "GM_900", "ML_0", "ML_100", "ML_200", "ML_300",
+                                      "NO_loss", "NO_delta")
+    assert space.features({}) == ()
+    assert space.all_features == FEATURE_NAMES and space.access == "white"
+
+
+def test_the_shipped_spaces_load_and_gray_needs_no_gradients():
+    white = SearchSpace.from_yaml(SPACES / "white.yaml")
+    gray = SearchSpace.from_yaml(SPACES / "gray.yaml")
+    assert white.all_features == FEATURE_NAMES
+    assert gray.all_features == GRAY_BOX_FEATURES and gray.access == "gray"
+    assert gray.switches == builtin_space("gray").switches
+    assert access_for(["DL", "ML_0"]) == "gray" and access_for(["GM_0"]) == "white"
+
+
+def test_a_bare_NO_in_yaml_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("families: [DL, NO]\n")  # YAML 1.1 reads NO as false
+    with pytest.raises(OptionError, match='quote "NO"'):
+        SearchSpace.from_yaml(path)
