@@ -197,3 +197,36 @@ def write_metadata(folder: Path, entries: dict[str, dict]) -> Path:
     lines = [json.dumps({"file_name": name, **fields}) for name, fields in sorted(entries.items())]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def tiny_dit_transformer(num_classes: int = 10, seed: int = 0, num_attention_heads: int = 2,
+                         attention_head_dim: int = 8, num_layers: int = 1):
+    """A class-conditional DiTTransformer2DModel over 4 x 8 x 8 latents, learned sigma (8 output channels)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=LATENT,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+    )
+
+
+def save_dit_components(path: Path, transformer, vae, scheduler_cls: str = "DDIMScheduler",
+                        **scheduler_kwargs) -> Path:
+    """A DiTPipeline from given (e.g. trained) components, safetensors, with `id2label` as on the Hub."""
+    from diffusers import DiTPipeline
+
+    scheduler = _scheduler(scheduler_cls, **scheduler_kwargs)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
+    index_path = path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    num_classes = int(transformer.config.num_embeds_ada_norm)
+    index["id2label"] = {str(i): f"class {i}" for i in range(num_classes)}
+    index_path.write_text(json.dumps(index, indent=2))
+    return path
