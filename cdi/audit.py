@@ -244,6 +244,7 @@ def audit(
     search_config: Any = None,
     C: float = 1.0,
     penalty: str = "l2",
+    resume_run_id: str | None = None,
 ) -> AuditResult | None:
     """Audit `model` for use of the `suspect` images against the `control` images.
 
@@ -282,7 +283,8 @@ def audit(
     records = [*suspect_records, *control_records]
     labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
 
-    with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}") as run_id:
+    with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}",
+                            resume_run_id=resume_run_id) as run_id:
         tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting",
                            **({"cdi.search_run_id": str(search_config.search_run_id)} if search_config is not None else {})})
         configuration = {

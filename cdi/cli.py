@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     audit.add_argument("--output", type=Path, default=None, help="write the result JSON to this file")
+    audit.add_argument("--resume", default=None, metavar="RUN_ID",
+                       help="finish an audit run that stopped (e.g. tracking server lost); features come from the cache")
     audit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     chosen = audit.add_mutually_exclusive_group()
     chosen.add_argument("--config", type=Path, default=None,
@@ -270,6 +272,7 @@ def run_audit(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         class_label=args.class_label,
         latent_sample_seed=args.latent_sample_seed,
+        resume_run_id=args.resume,
         test=args.test,
         n_permutations=args.permutations,
         power_resamples=args.power_resamples,
@@ -322,7 +325,8 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries(args.verbose)
+    if args.command != "server":  # the server becomes MLflow's process: loading torch first only costs seconds
+        _quiet_libraries(args.verbose)
     try:
         if args.command == "audit":
             return run_audit(args)

@@ -70,21 +70,47 @@ def _probe_server(tracking_uri: str) -> None:
         ) from exc
 
 
+_LOST_CONNECTION = (ConnectionError, OSError)
+
+
 @contextmanager
-def audit_run(tracking_uri: str, experiment: str, run_name: str | None = None) -> Iterator[str]:
-    """Open the audit's run (or the `mlflow run` project's run); FAILED if the audit raises."""
+def audit_run(
+    tracking_uri: str, experiment: str, run_name: str | None = None, resume_run_id: str | None = None
+) -> Iterator[str]:
+    """Open the audit's run (or the `mlflow run` project's run, or a run to resume); FAILED if it raises.
+
+    If the tracking store stops answering mid-audit, the features are already in the cache: the
+    error says how to finish the same run with `--resume RUN_ID`.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     experiment_id = connect(tracking_uri, experiment)
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
+    if resume_run_id:
+        try:
+            status = mlflow.get_run(resume_run_id).info.status
+        except MlflowException as exc:
+            raise TrackingError(f"--resume {resume_run_id}: no such run at {tracking_uri}; check the run id") from exc
+        if status == "FINISHED":
+            raise TrackingError(f"--resume {resume_run_id}: the run is already finished; start a new audit instead")
     if run_id:
         active = mlflow.start_run(run_id=run_id)
     else:
         active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    run_id = active.info.run_id
     try:
-        yield active.info.run_id
-    except BaseException:
-        mlflow.end_run(status="FAILED")
+        yield run_id
+    except BaseException as exc:
+        try:
+            mlflow.end_run(status="FAILED")
+        except (MlflowException, *_LOST_CONNECTION):
+            pass  # the store is gone: the run stays open for --resume
+        if isinstance(exc, (MlflowException, *_LOST_CONNECTION)) and not isinstance(exc, TrackingError):
+            raise TrackingError(
+                f"--tracking-uri {tracking_uri}: lost the tracking store mid-audit ({type(exc).__name__}); "
+                f"the features are cached: when it is back, rerun the same command with --resume {run_id}"
+            ) from exc
         raise
     mlflow.end_run(status="FINISHED")
 
