@@ -271,16 +271,22 @@ def audit(
 
         check_no_calibration_images([*suspect_records, *control_records], search_config)
         C, penalty = float(search_config.C), str(search_config.penalty)
+    records = [*suspect_records, *control_records]
+
+    def run_extraction(show_progress: bool, cached: bool):
+        return extract(
+            adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
+            progress=show_progress, cache_dir=cache_dir, use_cache=cached, devices=devices, num_nodes=num_nodes,
+            strategy=strategy, precision=precision,
+        )
+
     if worker_rank() > 0:
         # A launcher (Lightning's ddp, torchrun, SLURM) started this process as one more rank: it only
         # computes its share of the features into the shared cache; rank 0 scores and logs the audit.
-        extract(adapter, [*suspect_records, *control_records], names, config=feature_config, seed=seed,
-                batch_size=batch_size, device=device, progress=False, cache_dir=cache_dir, use_cache=True,
-                devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+        run_extraction(show_progress=False, cached=True)
         return None
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
-    records = [*suspect_records, *control_records]
     labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
 
     with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}",
@@ -318,11 +324,7 @@ def audit(
                 "search.penalty": search_config.penalty} if search_config is not None else {}),
         }
         tracking.log_params({**configuration, **_versions()})
-        extraction = extract(
-            adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
-            progress=progress, cache_dir=cache_dir, use_cache=use_cache, devices=devices, num_nodes=num_nodes,
-            strategy=strategy, precision=precision,
-        )
+        extraction = run_extraction(show_progress=progress, cached=use_cache)
         X = extraction.values
         tracking.set_tags({"cdi.status": "scoring"})
         found = assess(
