@@ -12,7 +12,7 @@ import numpy as np
 
 import cdi
 from cdi import tracking
-from cdi.data import ImageRecord, build_image_sets, decode_image
+from cdi.data import MIN_SET_SIZE, ImageRecord, build_image_sets, decode_image
 from cdi.errors import OptionError
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.features.extraction import worker_rank
@@ -204,6 +204,8 @@ def summary_markdown(result: AuditResult) -> str:
             f"| access / features | {result.access} / {len(result.features)} |",
             f"| seed / folds | {result.seed} / {result.folds} |",
             *checks,
+            *([f"| left out (search calibration data) | {held['suspect']} / {held['control']} "
+               f"(search run {held['search_run_id']}) |"] if (held := extras.get("excluded_calibration_images")) else []),
             "",
             "The p-value is valid only if the control images are i.i.d. with the suspect images "
             "(same source, camera, period and processing). A distribution shift between the two sets "
@@ -266,10 +268,12 @@ def audit(
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
     suspect_records = apply_conditioning(suspect_records, adapter, prompt, class_label)
     control_records = apply_conditioning(control_records, adapter, prompt, class_label)
+    excluded: list = []
     if search_config is not None:
-        from cdi.search import check_no_calibration_images
+        from cdi.search import exclude_calibration_images
 
-        check_no_calibration_images([*suspect_records, *control_records], search_config)
+        suspect_records, control_records, excluded = exclude_calibration_images(
+            suspect_records, control_records, search_config, MIN_SET_SIZE)
         C, penalty = float(search_config.C), str(search_config.penalty)
     records = [*suspect_records, *control_records]
 
@@ -321,7 +325,8 @@ def audit(
             "suspect_path": str(Path(suspect).resolve()),
             "control_path": str(Path(control).resolve()),
             **({"cdi.search_run_id": search_config.search_run_id, "search.C": search_config.C,
-                "search.penalty": search_config.penalty} if search_config is not None else {}),
+                "search.penalty": search_config.penalty, "search.excluded_images": len(excluded)}
+               if search_config is not None else {}),
         }
         tracking.log_params({**configuration, **_versions()})
         extraction = run_extraction(show_progress=progress, cached=use_cache)
@@ -356,6 +361,10 @@ def audit(
                 "report_artifact": REPORT_ARTIFACT,
                 "manifest_artifact": MANIFEST_ARTIFACT,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **({"excluded_calibration_images": {
+                    "suspect": sum(r.role == "suspect" for r in excluded),
+                    "control": sum(r.role == "control" for r in excluded),
+                    "search_run_id": search_config.search_run_id}} if excluded else {}),
             },
         )
         table = pd.DataFrame(
@@ -393,6 +402,8 @@ def audit(
         manifest = build_manifest(
             Path(model).resolve(), info.fingerprint, info.files, image_entries(suspect_records, suspect),
             image_entries(control_records, control), configuration, _versions(),
+            excluded_images=[*image_entries([r for r in excluded if r.role == "suspect"], suspect),
+                             *image_entries([r for r in excluded if r.role == "control"], control)],
         )
         tracking.set_tags({
             "cdi.verdict": result.verdict,

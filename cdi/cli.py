@@ -285,6 +285,10 @@ def run_audit(args: argparse.Namespace) -> int:
     print(f"verdict: {result.verdict} (p = {result.p_value:.3g} {comparison} alpha = {result.alpha})")
     print(f"suspect: {result.n_suspect} images, control: {result.n_control} images, access: {result.access}, "
           f"test: {result.test}")
+    held_out = result.extras.get("excluded_calibration_images")
+    if held_out:
+        print(f"left out: {held_out['suspect']} suspect and {held_out['control']} control images held out as "
+              f"calibration data of search run {held_out['search_run_id']}")
     for warning in result.extras.get("warnings", []):
         print(f"WARNING: {warning}")
     print(f"run: {result.run_id} (tracking URI {result.tracking_uri}, experiment {result.experiment})")

@@ -33,12 +33,15 @@ def build_manifest(
     control_images: list[dict[str, str]],
     configuration: dict[str, Any],
     versions: dict[str, str],
+    excluded_images: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
+    """`excluded_images`: files of the two folders the audit left out (held out for a search)."""
     return {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": str(model_path), "fingerprint": model_fingerprint, "files": dict(sorted(model_files.items()))},
         "images": [*suspect_images, *control_images],
+        "excluded_images": list(excluded_images or []),
         "configuration": configuration,
         "seeds": {"seed": configuration.get("seed")},
         "versions": versions,
@@ -72,7 +75,8 @@ def verify(manifest: dict[str, Any], model: str | Path, suspect: str | Path, con
     _compare("model file", manifest["model"]["files"], files, report.differences)
     report.checked_files += len(files)
     for role, folder in (("suspect", suspect), ("control", control)):
-        expected = {e["path"]: e["sha256"] for e in manifest["images"] if e["set"] == role}
+        listed = [*manifest["images"], *manifest.get("excluded_images", [])]
+        expected = {e["path"]: e["sha256"] for e in listed if e["set"] == role}
         actual = {e["path"]: e["sha256"] for e in image_entries(discover_images(folder, role), folder)}
         _compare(f"{role} image", expected, actual, report.differences)
         report.checked_files += len(actual)

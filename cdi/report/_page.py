@@ -190,6 +190,9 @@ def _facts(result: Mapping[str, Any]) -> str:
     rows = [
         ("Suspect images (P)", _number(result.get("n_suspect"), "d")),
         ("Control images (U)", _number(result.get("n_control"), "d")),
+        *([("Left out (calibration data of a search)", _text(
+            f"{held['suspect']} suspect, {held['control']} control (search run {held['search_run_id']})"))]
+          if (held := result.get("excluded_calibration_images")) else []),
         ("Access level", _text(access_text)),
         ("Features used", features_text),
         ("Model fingerprint", _code(result.get("model_fingerprint"))),

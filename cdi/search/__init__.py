@@ -10,6 +10,7 @@ from typing import Any
 # fast (the modules pull in torch, scikit-learn and MLflow).
 _HOMES = {
     "CONFIG_ARTIFACT": "config", "SearchConfig": "config", "check_no_calibration_images": "config",
+    "exclude_calibration_images": "config",
     "CalibrationData": "objective", "Score": "objective", "detection_score": "objective", "resamples": "objective",
     "SearchOutcome": "run", "run_search": "run", "search": "run",
     "SearchSpace": "space", "access_for": "space", "builtin_space": "space", "passes_per_image": "space",
@@ -39,6 +40,7 @@ __all__ = [
     "create_study",
     "detection_score",
     "download_config",
+    "exclude_calibration_images",
     "optimize",
     "passes_per_image",
     "resamples",

@@ -34,6 +34,10 @@ def add_search_parser(commands: argparse._SubParsersAction) -> argparse.Argument
                         help="built-in space: gray (DL, SecMI, PIA, PIAN, ML) or white (+ GM, NO; default)")
     search.add_argument("--n-trials", type=_count, default=40, help="trials of this call (default 40)")
     search.add_argument("--n", type=_count, default=50, help="images per side in each resample (default 50)")
+    search.add_argument("--member-fraction", type=float, default=None,
+                        help="share of members on the suspect side of each resample, the rest non-members, as when "
+                             "only part of a published set was scraped; lower = harder calibration (default 1, "
+                             "0.25 for the demo, whose model memorises strongly)")
     search.add_argument("--resamples", type=_count, default=10, help="resamples per trial (default 10)")
     search.add_argument("--alpha", type=float, default=0.01, help="level for the reported power (default 0.01)")
     search.add_argument("--seed", type=_count, default=0, help="seed of features, resamples and sampler (default 0)")
@@ -67,7 +71,8 @@ def run_search_command(args: argparse.Namespace) -> int:
         model=args.model, members=args.members, nonmembers=args.nonmembers, suspect=args.suspect,
         control=args.control, calibration_fraction=args.calibration_fraction, space=args.space, access=args.access,
         batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress,
-        n_trials=args.n_trials, n=args.n, n_resamples=args.resamples, alpha=args.alpha, seed=args.seed,
+        n_trials=args.n_trials, n=args.n, member_fraction=args.member_fraction, n_resamples=args.resamples,
+        alpha=args.alpha, seed=args.seed,
         multi_objective=args.multi_objective, study_name=args.study_name, storage=args.storage,
         n_workers=args.n_workers, experiment=args.experiment, tracking_uri=args.tracking_uri,
     )

@@ -1,8 +1,13 @@
 """The result a search hands to an audit (`best_config.yaml`), and the guard against reusing its data.
 
-Hyperparameters chosen on some images must not be judged on the same images (method doc, section 5):
-an audit run from a search refuses a suspect or control image whose sha256 is among the search's
-calibration images.
+Hyperparameters chosen on some images must not be judged on the same images (method doc, section 5).
+What an audit run from a search does with an image whose sha256 is among the search's calibration images
+depends on where the calibration data came from:
+
+- split mode (a seeded part of the owner's own P and U was held out for the search): the audit leaves
+  those images out and says how many; the rest of P and U is untouched by the search;
+- known membership (members and non-members of a reference model): such an image is refused, since
+  the owner pointed the audit at images the configuration was chosen on.
 """
 
 from __future__ import annotations
@@ -85,4 +90,30 @@ def check_no_calibration_images(records: Sequence[Any], config: SearchConfig) ->
             )
 
 
-__all__ = ["CONFIG_ARTIFACT", "SearchConfig", "check_no_calibration_images"]
+def exclude_calibration_images(
+    suspect: Sequence[Any], control: Sequence[Any], config: SearchConfig, min_size: int,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Apply the search's calibration data to an audit's sets: (suspect, control, excluded records).
+
+    Split mode leaves the held-out images out (each set must keep `min_size` images); any other mode
+    refuses a shared image (`check_no_calibration_images`).
+    """
+    if config.calibration.get("mode") != "split":
+        check_no_calibration_images([*suspect, *control], config)
+        return list(suspect), list(control), []
+    hashes = config.calibration_hashes
+    kept_suspect = [r for r in suspect if r.sha256 not in hashes]
+    kept_control = [r for r in control if r.sha256 not in hashes]
+    excluded = [r for r in [*suspect, *control] if r.sha256 in hashes]
+    source = f"search run {config.search_run_id}" if config.search_run_id else "the search"
+    for option, kept, records in (("--suspect", kept_suspect, suspect), ("--control", kept_control, control)):
+        if len(kept) < min_size:
+            raise ImageSetError(
+                f"{option}: {len(records) - len(kept)} of its {len(records)} images were held out as calibration data "
+                f"of {source}, leaving {len(kept)} (at least {min_size} are needed); add images or search with a "
+                "smaller --calibration-fraction"
+            )
+    return kept_suspect, kept_control, excluded
+
+
+__all__ = ["CONFIG_ARTIFACT", "SearchConfig", "check_no_calibration_images", "exclude_calibration_images"]

@@ -48,23 +48,43 @@ class Score:
     median_p: float
 
 
-def resamples(y: np.ndarray, n: int, n_resamples: int, seed: int) -> list[np.ndarray]:
-    """`n_resamples` index sets of n images per side, drawn without replacement (seeded)."""
+def resamples(y: np.ndarray, n: int, n_resamples: int, seed: int, member_fraction: float = 1.0) -> list[np.ndarray]:
+    """`n_resamples` draws (seeded, without replacement) of n suspect-side then n control-side rows.
+
+    The suspect side holds round(member_fraction * n) members and non-members for the rest, as when only
+    part of an owner's published set was scraped; the control side holds n other non-members. A
+    fraction below 1 makes calibration harder, so that a strongly memorising reference model (such as
+    the demo) still separates good configurations from poor ones by power, not only by -log10 p.
+    """
+    if not 0.0 < member_fraction <= 1.0:
+        raise OptionError(f"--member-fraction {member_fraction}: must lie in (0, 1] (1 = every suspect is a member)")
     members, nonmembers = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    n = min(n, members.size, nonmembers.size)
+    n_members = lambda n: max(1, int(round(member_fraction * n)))  # noqa: E731
+    n = min(n, members.size)
+    while n > 0 and 2 * n - n_members(n) > nonmembers.size:
+        n -= 1
     rng = np.random.default_rng(seed)
-    return [np.concatenate([rng.choice(members, n, replace=False), rng.choice(nonmembers, n, replace=False)])
-            for _ in range(n_resamples)]
+    draws = []
+    for _ in range(n_resamples):
+        chosen_members = rng.choice(members, n_members(n), replace=False)
+        others = rng.choice(nonmembers, 2 * n - chosen_members.size, replace=False)
+        draws.append(np.concatenate([chosen_members, others]))
+    return draws
 
 
-def detection_score(X: np.ndarray, y: np.ndarray, draws: Sequence[np.ndarray], *, C: float, penalty: str,
+def detection_score(X: np.ndarray, draws: Sequence[np.ndarray], *, C: float, penalty: str,
                     folds: int, alpha: float = 0.01, seed: int = 0) -> Score:
-    """Welch p of the cross-fitted pipeline on every resample, summarised."""
+    """Welch p of the cross-fitted pipeline on every resample, summarised.
+
+    Each draw is n suspect-side rows followed by n control-side rows (`resamples`); the test compares
+    the two sides, whatever the membership of the individual images.
+    """
     p_values = []
     for r, rows in enumerate(draws):
-        Xr, yr = X[rows], y[rows]
-        scores = CrossFittedScorer(n_splits=folds, C=C, penalty=penalty, random_state=seed + r).fit(Xr, yr).oof_scores_
-        p_values.append(welch_one_sided(scores[yr == 1], scores[yr == 0]).p_value)
+        half = len(rows) // 2
+        Xr, side = X[rows], np.repeat([1, 0], half)
+        scores = CrossFittedScorer(n_splits=folds, C=C, penalty=penalty, random_state=seed + r).fit(Xr, side).oof_scores_
+        p_values.append(welch_one_sided(scores[side == 1], scores[side == 0]).p_value)
     p = np.asarray(p_values)
     p = np.where(np.isfinite(p), p, 1.0)  # constant scores give NaN: no evidence
     return Score(

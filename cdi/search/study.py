@@ -30,7 +30,8 @@ class Objective:
     """
 
     def __init__(self, data: CalibrationData, space: SearchSpace, *, n: int = 50, n_resamples: int = 10,
-                 alpha: float = 0.01, seed: int = 0, multi_objective: bool = False, session: str = "") -> None:
+                 alpha: float = 0.01, seed: int = 0, multi_objective: bool = False, session: str = "",
+                 member_fraction: float = 1.0) -> None:
         if n < 6:
             raise OptionError(f"--n {n}: resamples need at least 6 images per side (5 folds + 1)")
         if n_resamples < 1:
@@ -41,7 +42,8 @@ class Objective:
         self.data, self.space = data, space
         self.n, self.n_resamples, self.alpha, self.seed = n, n_resamples, alpha, seed
         self.multi_objective, self.session = multi_objective, session
-        self.draws = resamples(data.y, n, n_resamples, seed)
+        self.member_fraction = member_fraction
+        self.draws = resamples(data.y, n, n_resamples, seed, member_fraction)
 
     def __call__(self, trial: Any) -> float | tuple[float, float]:
         import optuna
@@ -53,7 +55,7 @@ class Objective:
         if not features:
             raise optuna.TrialPruned("no feature switched on")
         passes = passes_per_image(features)
-        score = detection_score(self.data.columns(features), self.data.y, self.draws, C=params["C"],
+        score = detection_score(self.data.columns(features), self.draws, C=params["C"],
                                 penalty=params["penalty"], folds=params["folds"], alpha=self.alpha, seed=self.seed)
         trial.set_user_attr("power", score.power)
         trial.set_user_attr("median_p", score.median_p)
@@ -162,6 +164,7 @@ class SearchSettings:
     alpha: float
     seed: int
     multi_objective: bool
+    member_fraction: float = 1.0
 
 
 def best_config(study: Any, space: SearchSpace, data: CalibrationData, settings: SearchSettings,
@@ -183,6 +186,7 @@ def best_config(study: Any, space: SearchSpace, data: CalibrationData, settings:
             "alpha": settings.alpha,
             "passes_per_image": int(trial.user_attrs["passes_per_image"]),
             "n_per_side": settings.n,
+            "member_fraction": settings.member_fraction,
             "resamples": settings.n_resamples,
             "trial": trial.number,
             "space": space.name,

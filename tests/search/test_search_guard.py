@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -10,7 +11,8 @@ import pytest
 from cdi.cli import main
 from cdi.data import discover_images
 from cdi.errors import ImageSetError
-from cdi.search import SearchConfig, builtin_space, check_no_calibration_images, search
+from builders import write_images
+from cdi.search import SearchConfig, builtin_space, check_no_calibration_images, exclude_calibration_images, search
 
 
 def _config(**changes) -> SearchConfig:
@@ -56,7 +58,6 @@ def test_audit_from_search_uses_and_records_the_search(tiny_model, image_sets, t
                      experiment="search-unit")
     code = _audit(tiny_model, *image_sets, "--from-search", outcome.run_id, "--output", str(tmp_path / "r.json"))
     assert code == 0, capsys.readouterr().err
-    import json
 
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["features"] == outcome.config.features and result["folds"] == outcome.config.folds
@@ -83,11 +84,13 @@ def test_search_cli_on_the_tiny_model_writes_a_usable_config(tiny_model, image_s
     assert main(["search", "--n-workers", "2", "--model", str(tiny_model)]) == 2
 
 
-def test_split_mode_holds_out_a_seeded_part_of_p_and_u_and_the_audit_refuses_it(tiny_model, image_sets,
-                                                                                 tracking_uri, tmp_path, capsys):
+def test_split_mode_holds_out_a_seeded_part_of_p_and_u_and_the_audit_leaves_it_out(tiny_model, tracking_uri,
+                                                                                    tmp_path, capsys):
+    image_sets = (write_images(tmp_path / "P", 16, seed=11, prefix="p"),
+                  write_images(tmp_path / "U", 16, seed=12, prefix="u"))
     out = tmp_path / "split.yaml"
     args = ["search", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control", str(image_sets[1]),
-            "--calibration-fraction", "0.5", "--access", "gray", "--n-trials", "2", "--n", "6", "--resamples", "1",
+            "--calibration-fraction", "0.375", "--access", "gray", "--n-trials", "2", "--n", "6", "--resamples", "1",
             "--no-progress", "--output", str(out)]
     assert main(args) == 0, capsys.readouterr().err
     config = SearchConfig.read(out)
@@ -97,5 +100,40 @@ def test_split_mode_holds_out_a_seeded_part_of_p_and_u_and_the_audit_refuses_it(
     assert main(args[:-1] + [str(tmp_path / "again.yaml")]) == 0  # same seed, same held-out images
     assert SearchConfig.read(tmp_path / "again.yaml").calibration_hashes == config.calibration_hashes
     capsys.readouterr()
-    assert _audit(tiny_model, *image_sets, "--config", str(out)) == 2
-    assert "calibration data" in capsys.readouterr().err
+
+    # 16 images per side less 6 held out: the audit runs on the other 10 + 10 and says so.
+    result_path = tmp_path / "r.json"
+    assert _audit(tiny_model, *image_sets, "--config", str(out), "--output", str(result_path)) == 0
+    printed = capsys.readouterr().out
+    assert "left out: 6 suspect and 6 control images" in printed
+    result = json.loads(result_path.read_text())
+    assert (result["n_suspect"], result["n_control"]) == (10, 10)
+    assert result["excluded_calibration_images"]["suspect"] == 6
+    client = mlflow.MlflowClient(tracking_uri)
+    manifest = json.loads(Path(client.download_artifacts(result["run_id"], "manifest.json", str(tmp_path))).read_text())
+    audited = {entry["sha256"] for entry in manifest["images"]}
+    assert not audited & config.calibration_hashes and len(audited) == 20
+    assert {entry["sha256"] for entry in manifest["excluded_images"]} == config.calibration_hashes
+    # The folders still verify against the manifest: the left-out files are listed as such.
+    assert main(["verify", result["run_id"], "--model", str(tiny_model), "--suspect", str(image_sets[0]),
+                 "--control", str(image_sets[1])]) == 0, capsys.readouterr()
+
+
+def test_split_mode_refuses_an_audit_left_with_too_few_images(image_sets):
+    suspect = discover_images(image_sets[0], "suspect")
+    control = discover_images(image_sets[1], "control")
+    config = _config(calibration={"mode": "split", "sha256": [r.sha256 for r in suspect[:3]]})
+    with pytest.raises(ImageSetError) as caught:
+        exclude_calibration_images(suspect, control, config, 10)
+    message = str(caught.value)
+    assert "--suspect" in message and "leaving 9" in message and "--calibration-fraction" in message
+    kept_suspect, kept_control, excluded = exclude_calibration_images(suspect, control, config, 9)
+    assert kept_suspect == suspect[3:] and kept_control == control and excluded == suspect[:3]
+
+
+def test_known_membership_calibration_images_are_refused_not_left_out(image_sets):
+    suspect = discover_images(image_sets[0], "suspect")
+    control = discover_images(image_sets[1], "control")
+    with pytest.raises(ImageSetError):
+        exclude_calibration_images(suspect, control, _config(calibration={"mode": "known",
+                                                                          "sha256": [control[0].sha256]}), 10)

@@ -14,10 +14,33 @@ SIGNAL_SWITCHES = {"use_DL", "use_GM_low"}
 def test_detection_score_is_strong_on_signal_and_null_on_noise(synthetic):
     data = synthetic(n_per_side=60)
     draws = resamples(data.y, 30, 4, seed=0)
-    signal = detection_score(data.columns(["DL", "GM_0"]), data.y, draws, C=1.0, penalty="l2", folds=5)
-    noise = detection_score(data.columns(["SecMI", "PIA"]), data.y, draws, C=1.0, penalty="l2", folds=5)
+    signal = detection_score(data.columns(["DL", "GM_0"]), draws, C=1.0, penalty="l2", folds=5)
+    noise = detection_score(data.columns(["SecMI", "PIA"]), draws, C=1.0, penalty="l2", folds=5)
     assert signal.power > 0.5 and signal.strength > 2.0
     assert noise.strength < 1.0 and noise.median_p > 0.05
+
+
+def test_member_fraction_mixes_non_members_into_the_suspect_side(synthetic):
+    data = synthetic(n_per_side=60)
+    members = set(map(int, (data.y == 1).nonzero()[0]))
+    for rows in resamples(data.y, 20, 5, seed=3, member_fraction=0.25):
+        suspect, control = rows[:20], rows[20:]
+        assert len(set(rows.tolist())) == 40  # no image twice in a draw
+        assert sum(int(i) in members for i in suspect) == 5
+        assert not members & set(control.tolist())
+
+
+def test_a_lower_member_fraction_lowers_power(synthetic):
+    """Seeded: 20 resamples of 30 per side at shift 0.9 SD in 5 features; full membership gives power
+    ~1, a quarter members (signal diluted 4x) well below it. Tolerance: gap of at least 0.3."""
+    data = synthetic(n_per_side=120, seed=4)
+    columns = data.columns(["DL", "GM_0", "GM_100"])
+    full = detection_score(columns, resamples(data.y, 30, 20, seed=0), C=1.0, penalty="l2", folds=5)
+    diluted = detection_score(columns, resamples(data.y, 30, 20, seed=0, member_fraction=0.25), C=1.0,
+                              penalty="l2", folds=5)
+    assert full.power >= 0.9 and diluted.power <= full.power - 0.3, (full, diluted)
+    with pytest.raises(Exception, match="--member-fraction"):
+        resamples(data.y, 30, 1, seed=0, member_fraction=0.0)
 
 
 def test_search_keeps_the_signal_families_and_drops_most_noise_ones(synthetic, tracking_uri):
