@@ -252,7 +252,8 @@ def audit(
 
     Returns None in a non-zero rank of a multi-process launch (rank 0 returns the result).
     `search_config` (a `cdi.search.SearchConfig`): the search this audit's settings come from; its run id
-    is recorded and an image that was among its calibration data is refused.
+    is recorded, its C, penalty and feature settings are applied, and its calibration images are left
+    out (held out of this P and U) or refused (a reference model's), see `cdi.search.config`.
     """
     import pandas as pd
 
@@ -275,6 +276,8 @@ def audit(
         suspect_records, control_records, excluded = exclude_calibration_images(
             suspect_records, control_records, search_config, MIN_SET_SIZE)
         C, penalty = float(search_config.C), str(search_config.penalty)
+        if search_config.feature_settings:  # e.g. the NO budget the search chose
+            feature_config = replace(feature_config, **search_config.feature_settings)
     records = [*suspect_records, *control_records]
 
     def run_extraction(show_progress: bool, cached: bool):

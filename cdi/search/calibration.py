@@ -11,7 +11,7 @@ so a trial costs only scoring.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -20,20 +20,31 @@ from cdi.errors import ImageSetError, OptionError
 from cdi.search.objective import CalibrationData
 
 
-def _extract(model: str | Path, records: Sequence[ImageRecord], names: Sequence[str], *, seed: int,
-             batch_size: int, device: str, cache_dir: str | Path | None, progress: bool) -> tuple[np.ndarray, str]:
-    from cdi.features import extract
+#: (setting, value, features): a non-default feature-setting value the search varies (`SearchSpace.variants`).
+Variant = tuple[str, Any, Sequence[str]]
+
+
+def _extract(model: str | Path, records: Sequence[ImageRecord], names: Sequence[str], variants: Sequence[Variant], *,
+             seed: int, batch_size: int, device: str, cache_dir: str | Path | None,
+             progress: bool) -> tuple[np.ndarray, tuple[str, ...], str]:
+    """Features of `records` with the default configuration, then each variant's affected features only."""
+    from cdi.features import FeatureConfig, extract
     from cdi.models import load_model
+    from cdi.search.space import variant_column
 
     adapter = load_model(model)
     check_decodable(records, adapter.info.image_size, adapter.info.image_channels)
-    report = extract(adapter, records, names, seed=seed, batch_size=batch_size, device=device, progress=progress,
-                     cache_dir=cache_dir)
-    return report.values, adapter.info.fingerprint
+    options = dict(seed=seed, batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir)
+    blocks = [extract(adapter, records, names, **options).values]
+    columns = list(names)
+    for setting, value, features in variants:
+        blocks.append(extract(adapter, records, features, config=FeatureConfig(**{setting: value}), **options).values)
+        columns += [variant_column(f, setting, value) for f in features]
+    return np.hstack(blocks), tuple(columns), adapter.info.fingerprint
 
 
 def known_membership(model: str | Path, members: str | Path, nonmembers: Sequence[str | Path], names: Sequence[str],
-                     *, seed: int = 0, batch_size: int = 50, device: str = "auto",
+                     *, variants: Sequence[Variant] = (), seed: int = 0, batch_size: int = 50, device: str = "auto",
                      cache_dir: str | Path | None = None, progress: bool = False) -> CalibrationData:
     """Members (label 1) and non-members (label 0) of a reference model."""
     if not nonmembers:
@@ -46,10 +57,10 @@ def known_membership(model: str | Path, members: str | Path, nonmembers: Sequenc
             raise ImageSetError(f"{record.path}: also a member ({member_hashes[record.sha256].path}); "
                                 "members and non-members must be disjoint")
     records = [*member_records, *nonmember_records]
-    X, fingerprint = _extract(model, records, names, seed=seed, batch_size=batch_size, device=device,
-                              cache_dir=cache_dir, progress=progress)
+    X, columns, fingerprint = _extract(model, records, names, variants, seed=seed, batch_size=batch_size,
+                                       device=device, cache_dir=cache_dir, progress=progress)
     return CalibrationData(
-        X=X, y=np.array([1] * len(member_records) + [0] * len(nonmember_records)), names=tuple(names),
+        X=X, y=np.array([1] * len(member_records) + [0] * len(nonmember_records)), names=columns,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
         description={"mode": "known", "model": str(Path(model).resolve()), "model_fingerprint": fingerprint,
                      "members": str(Path(members).resolve()),
@@ -67,7 +78,7 @@ def held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -> list
 
 
 def split(model: str | Path, suspect: str | Path, control: str | Path, names: Sequence[str], *, fraction: float,
-          seed: int = 0, batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
+          variants: Sequence[Variant] = (), seed: int = 0, batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
           progress: bool = False) -> CalibrationData:
     """A seeded `fraction` of the owner's P (label 1) and U (label 0), held out for the search."""
     if not 0.0 < fraction < 1.0:
@@ -81,10 +92,10 @@ def split(model: str | Path, suspect: str | Path, control: str | Path, names: Se
         raise OptionError(f"--calibration-fraction {fraction}: holds out {len(p_cal)} suspect and {len(u_cal)} "
                           "control images; at least 6 per side are needed: raise the fraction or add images")
     records = [*p_cal, *u_cal]
-    X, fingerprint = _extract(model, records, names, seed=seed, batch_size=batch_size, device=device,
-                              cache_dir=cache_dir, progress=progress)
+    X, columns, fingerprint = _extract(model, records, names, variants, seed=seed, batch_size=batch_size,
+                                       device=device, cache_dir=cache_dir, progress=progress)
     return CalibrationData(
-        X=X, y=np.array([1] * len(p_cal) + [0] * len(u_cal)), names=tuple(names),
+        X=X, y=np.array([1] * len(p_cal) + [0] * len(u_cal)), names=columns,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
         description={"mode": "split", "model": str(Path(model).resolve()), "model_fingerprint": fingerprint,
                      "suspect": str(Path(suspect).resolve()), "control": str(Path(control).resolve()),

@@ -31,6 +31,7 @@ class SearchConfig:
     folds: int
     access: str
     seed: int
+    feature_settings: dict[str, Any] = field(default_factory=dict)  # FeatureConfig fields the search chose
     objective: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # description; `sha256`: the images' hashes
     search_run_id: str | None = None
@@ -58,8 +59,21 @@ class SearchConfig:
                               f"use the {CONFIG_ARTIFACT} a `cdi search` run exported")
         known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
         known.update(features=[str(f) for f in data["features"]], C=float(data["C"]), folds=int(data["folds"]),
-                     seed=int(data["seed"]), penalty=str(data["penalty"]), access=str(data["access"]))
-        return cls(**known)
+                     seed=int(data["seed"]), penalty=str(data["penalty"]), access=str(data["access"]),
+                     feature_settings=dict(data.get("feature_settings") or {}))
+        config = cls(**known)
+        config.feature_config()  # an unknown or invalid setting is refused here, not mid-audit
+        return config
+
+    def feature_config(self) -> Any:
+        """The feature configuration of the audit: the paper's defaults with the searched settings."""
+        from cdi.features.base import FeatureConfig
+
+        unknown = sorted(set(self.feature_settings) - set(FeatureConfig.__dataclass_fields__))
+        if unknown:
+            raise OptionError(f"--config: unknown feature setting(s) {', '.join(unknown)}; "
+                              f"use the {CONFIG_ARTIFACT} a `cdi search` run exported")
+        return FeatureConfig(**self.feature_settings)
 
     @classmethod
     def read(cls, path: str | Path) -> SearchConfig:

@@ -57,12 +57,14 @@ def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Pa
     if suspect is not None or control is not None:
         if suspect is None or control is None or members is not None:
             raise OptionError("calibration split: give both --suspect and --control, and no --members")
-        return calibration.split(model, suspect, control, names, fraction=calibration_fraction, seed=seed,
-                                 batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
+        return calibration.split(model, suspect, control, names, fraction=calibration_fraction,
+                                 variants=space.variants(), seed=seed, batch_size=batch_size, device=device,
+                                 cache_dir=cache_dir, progress=progress)
     if members is None:
         raise OptionError("give --members and --nonmembers (known membership) or --suspect and --control (split)")
-    return calibration.known_membership(model, members, nonmembers, names, seed=seed, batch_size=batch_size,
-                                        device=device, cache_dir=cache_dir, progress=progress)
+    return calibration.known_membership(model, members, nonmembers, names, variants=space.variants(), seed=seed,
+                                        batch_size=batch_size, device=device, cache_dir=cache_dir,
+                                        progress=progress)
 
 
 def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: int = 50, n_resamples: int = 10,

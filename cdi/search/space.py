@@ -1,8 +1,12 @@
 """What a search may switch on and off, and what each choice costs in model passes per image.
 
 A search space (YAML under `search/spaces/`) names on/off switches for feature families (DL, SecMI,
-PIA, PIAN, NO) and for timestep groups of GM and ML, plus ranges of the scorer settings (C, penalty,
-folds). Features keep the paper's index order (method doc, section 3).
+PIA, PIAN, NO) and for timestep groups of GM and ML, ranges of the scorer settings (C, penalty,
+folds) and, optionally, values of feature settings that change what a family computes: the noise
+optimisation budget (`no_evals`) and the gradient-masking ratio (`gm_mask_ratio`). Each value of a
+feature setting other than the default is extracted once, for the affected family only, as extra
+calibration columns named `<feature>@<setting>=<value>`. Features keep the paper's index order
+(method doc, section 3).
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ FAMILY_FEATURES: dict[str, tuple[str, ...]] = {
 TIMESTEP_FAMILIES = ("GM", "ML")
 DEFAULT_GROUPS: dict[str, tuple[int, ...]] = {"low": (0, 100, 200, 300), "mid": (400, 500, 600), "high": (700, 800, 900)}
 PENALTIES = ("l2", "l1")
+#: Feature settings a search may vary, and the features each one changes.
+SETTING_FEATURES: dict[str, tuple[str, ...]] = {
+    "no_evals": FAMILY_FEATURES["NO"],
+    "gm_mask_ratio": tuple(n for n in FEATURE_NAMES if n.startswith("GM_")),
+}
+
+
+def variant_column(feature: str, setting: str, value: Any) -> str:
+    """Calibration column of `feature` computed with a non-default value of a feature setting."""
+    return f"{feature}@{setting}={value}"
 
 
 def passes_per_image(features: Sequence[str], config: FeatureConfig | None = None) -> int:
@@ -67,6 +81,7 @@ class SearchSpace:
     C_high: float = 1e2
     penalties: tuple[str, ...] = PENALTIES
     folds: tuple[int, ...] = (3, 5)
+    settings: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # e.g. {"no_evals": (4, 8, 16)}
 
     def __post_init__(self) -> None:
         if any(isinstance(f, bool) for f in self.families):
@@ -85,6 +100,16 @@ class SearchSpace:
             raise OptionError(f"search space {self.name!r}: penalties must be a non-empty subset of {PENALTIES}")
         if not self.folds or any(int(k) < 2 for k in self.folds):
             raise OptionError(f"search space {self.name!r}: folds must be integers >= 2")
+        for setting, values in self.settings.items():
+            if setting not in SETTING_FEATURES:
+                raise OptionError(f"search space {self.name!r}: feature setting {setting!r} cannot be searched; "
+                                  f"known: {', '.join(SETTING_FEATURES)}")
+            valid = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1) if setting == "no_evals" \
+                else (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1)
+            if not values or not all(valid(v) for v in values):
+                rule = "integers >= 1" if setting == "no_evals" else "numbers strictly between 0 and 1"
+                raise OptionError(f"search space {self.name!r}: feature_settings.{setting} must be a non-empty list "
+                                  f"of {rule}, got {list(values)}")
 
     @property
     def switches(self) -> tuple[str, ...]:
@@ -114,12 +139,50 @@ class SearchSpace:
         wanted = {f for switch in self.switches if params.get(switch) for f in self.switch_features(switch)}
         return tuple(n for n in FEATURE_NAMES if n in wanted)
 
+    def variants(self) -> list[tuple[str, Any, tuple[str, ...]]]:
+        """(setting, value, features) for every searched value that is not the default: one extraction each."""
+        default = FeatureConfig().to_dict()
+        wanted = set(self.all_features)
+        out = []
+        for setting, values in self.settings.items():
+            affected = tuple(f for f in SETTING_FEATURES[setting] if f in wanted)
+            out += [(setting, v, affected) for v in dict.fromkeys(values) if v != default[setting] and affected]
+        return out
+
+    @property
+    def all_columns(self) -> tuple[str, ...]:
+        """Calibration columns the search needs: every feature, plus each non-default variant."""
+        return (*self.all_features,
+                *(variant_column(f, setting, v) for setting, v, features in self.variants() for f in features))
+
+    def feature_settings(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's values of the searched feature settings (empty when the space searches none)."""
+        return {setting: params[setting] for setting in self.settings}
+
+    def columns(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """Calibration columns of a trial: its features, each taken in the variant of its settings."""
+        default = FeatureConfig().to_dict()
+        chosen = self.feature_settings(params)
+        out = []
+        for feature in self.features(params):
+            column = feature
+            for setting, value in chosen.items():
+                if feature in SETTING_FEATURES[setting] and value != default[setting]:
+                    column = variant_column(feature, setting, value)
+            out.append(column)
+        return tuple(out)
+
+    def feature_config(self, params: Mapping[str, Any]) -> FeatureConfig:
+        return FeatureConfig(**self.feature_settings(params))
+
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Draw one configuration on an Optuna trial."""
         params: dict[str, Any] = {switch: trial.suggest_categorical(switch, [True, False]) for switch in self.switches}
         params["C"] = trial.suggest_float("C", self.C_low, self.C_high, log=True)
         params["penalty"] = trial.suggest_categorical("penalty", list(self.penalties))
         params["folds"] = trial.suggest_categorical("folds", [int(k) for k in self.folds])
+        for setting, values in self.settings.items():
+            params[setting] = trial.suggest_categorical(setting, list(values))
         return params
 
     @classmethod
@@ -136,6 +199,8 @@ class SearchSpace:
             C_high=float(C.get("high", 1e2)),
             penalties=tuple(scorer.get("penalty", PENALTIES)),
             folds=tuple(int(k) for k in scorer.get("folds", (3, 5))),
+            settings={str(k): tuple(v if isinstance(v, (list, tuple)) else [v])
+                      for k, v in (data.get("feature_settings", {}) or {}).items()},
         )
 
     @classmethod
@@ -166,4 +231,4 @@ def builtin_space(access: str) -> SearchSpace:
     raise OptionError(f"--access {access!r}: choose gray or white")
 
 
-__all__ = ["DEFAULT_GROUPS", "FAMILY_FEATURES", "SearchSpace", "access_for", "builtin_space", "passes_per_image"]
+__all__ = ["DEFAULT_GROUPS", "FAMILY_FEATURES", "SETTING_FEATURES", "SearchSpace", "variant_column", "access_for", "builtin_space", "passes_per_image"]

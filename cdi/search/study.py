@@ -36,7 +36,7 @@ class Objective:
             raise OptionError(f"--n {n}: resamples need at least 6 images per side (5 folds + 1)")
         if n_resamples < 1:
             raise OptionError(f"--resamples {n_resamples}: must be at least 1")
-        missing = [f for f in space.all_features if f not in data.names]
+        missing = [f for f in space.all_columns if f not in data.names]
         if missing:
             raise OptionError(f"calibration features lack {', '.join(missing)} of search space {space.name!r}")
         self.data, self.space = data, space
@@ -54,8 +54,10 @@ class Objective:
         trial.set_user_attr("features", list(features))
         if not features:
             raise optuna.TrialPruned("no feature switched on")
-        passes = passes_per_image(features)
-        score = detection_score(self.data.columns(features), self.draws, C=params["C"],
+        settings = self.space.feature_settings(params)
+        trial.set_user_attr("feature_settings", settings)
+        passes = passes_per_image(features, self.space.feature_config(params))
+        score = detection_score(self.data.columns(self.space.columns(params)), self.draws, C=params["C"],
                                 penalty=params["penalty"], folds=params["folds"], alpha=self.alpha, seed=self.seed)
         trial.set_user_attr("power", score.power)
         trial.set_user_attr("median_p", score.median_p)
@@ -178,6 +180,7 @@ def best_config(study: Any, space: SearchSpace, data: CalibrationData, settings:
         folds=int(trial.params["folds"]),
         access=access_for(features),
         seed=settings.seed,
+        feature_settings=dict(trial.user_attrs.get("feature_settings", {})),
         objective={
             "name": "mean -log10 Welch p",
             "value": float(trial.values[0]),

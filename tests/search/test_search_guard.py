@@ -137,3 +137,24 @@ def test_known_membership_calibration_images_are_refused_not_left_out(image_sets
     with pytest.raises(ImageSetError):
         exclude_calibration_images(suspect, control, _config(calibration={"mode": "known",
                                                                           "sha256": [control[0].sha256]}), 10)
+
+
+def test_a_searched_noise_budget_reaches_the_audit(tiny_model, image_sets, tracking_uri, tmp_path, capsys):
+    """Space with the NO budget searched over {2, 3} (neither the default 8): the exported config names
+    the chosen budget, and an audit with that config computes NO with it."""
+    space = tmp_path / "budget.yaml"
+    space.write_text("name: budget\nfamilies: [DL, \"NO\"]\ntimestep_families: []\n"
+                     "feature_settings:\n  no_evals: [2, 3]\n")
+    members, nonmembers = write_images(tmp_path / "m", 12, seed=21), write_images(tmp_path / "n", 12, seed=22)
+    out = tmp_path / "best.yaml"
+    assert main(["search", "--model", str(tiny_model), "--members", str(members), "--nonmembers", str(nonmembers),
+                 "--space", str(space), "--n-trials", "4", "--n", "10", "--resamples", "1", "--no-progress",
+                 "--output", str(out)]) == 0, capsys.readouterr().err
+    config = SearchConfig.read(out)
+    chosen = config.feature_settings["no_evals"]
+    assert chosen in (2, 3)
+    result_path = tmp_path / "r.json"
+    assert _audit(tiny_model, *image_sets, "--config", str(out), "--output", str(result_path)) == 0, \
+        capsys.readouterr().err
+    run = mlflow.MlflowClient(tracking_uri).get_run(json.loads(result_path.read_text())["run_id"])
+    assert run.data.params["feature.no_evals"] == str(chosen)

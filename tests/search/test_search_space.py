@@ -49,3 +49,22 @@ def test_a_bare_NO_in_yaml_is_refused_with_a_hint(tmp_path):
     path.write_text("families: [DL, NO]\n")  # YAML 1.1 reads NO as false
     with pytest.raises(OptionError, match='quote "NO"'):
         SearchSpace.from_yaml(path)
+
+
+def test_feature_settings_map_trials_to_variant_columns_and_cost():
+    space = SearchSpace(families=("NO", "DL"), timestep_families=("GM",), settings={"no_evals": (4, 8, 16)})
+    # The default value (8) is the plain column; others are extracted once for NO only.
+    assert [(s, v) for s, v, _ in space.variants()] == [("no_evals", 4), ("no_evals", 16)]
+    assert "NO_loss@no_evals=16" in space.all_columns and "DL@no_evals=16" not in space.all_columns
+    params = {"use_NO": True, "use_DL": True, "no_evals": 16}
+    assert space.columns(params) == ("DL", "NO_loss@no_evals=16", "NO_delta@no_evals=16")
+    assert space.columns({**params, "no_evals": 8}) == ("DL", "NO_loss", "NO_delta")
+    assert passes_per_image(space.features(params), space.feature_config(params)) == 5 + 2 * 16
+
+
+@pytest.mark.parametrize("settings", [{"no_evals": [0]}, {"no_evals": [2.5]}, {"gm_mask_ratio": [1.0]},
+                                      {"dl_draws": [3]}, {"no_evals": []}])
+def test_invalid_feature_settings_are_refused_naming_the_setting(settings):
+    with pytest.raises(OptionError) as caught:
+        SearchSpace.from_dict({"feature_settings": settings}, name="bad")
+    assert next(iter(settings)) in str(caught.value)

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import yaml
 
-from cdi.search import SearchConfig, builtin_space, detection_score, resamples, search
+from cdi.search import SearchConfig, SearchSpace, builtin_space, detection_score, resamples, search
 
 SIGNAL_SWITCHES = {"use_DL", "use_GM_low"}
 
@@ -103,3 +103,25 @@ def test_empty_feature_sets_are_pruned(synthetic, tracking_uri):
 
     study.optimize(Objective(data, space, n=20, n_resamples=1), n_trials=1)
     assert study.trials[-1].state == optuna.trial.TrialState.PRUNED
+
+
+def test_search_chooses_the_feature_setting_whose_variant_carries_the_signal(synthetic, tracking_uri):
+    """Synthetic: only the NO columns computed with no_evals = 16 separate members (shift 1.2 SD); the
+    default and the 4-evaluation variants are noise. The search must pick 16 and export it."""
+    import numpy as np
+
+    base = synthetic(n_per_side=80, shift=0.0, seed=5)
+    rng = np.random.default_rng(6)
+    extra, names = [], list(base.names)
+    for value in (4, 16):
+        for feature in ("NO_loss", "NO_delta"):
+            column = rng.normal(size=base.y.size) - (1.2 * base.y if value == 16 else 0.0)
+            extra.append(column)
+            names.append(f"{feature}@no_evals={value}")
+    base.X, base.names = np.column_stack([base.X, *extra]), tuple(names)
+    space = SearchSpace(name="no-budget", families=("DL", "NO"), timestep_families=(),
+                        settings={"no_evals": (4, 8, 16)})
+    outcome = search(base, space, n_trials=25, n=30, n_resamples=3, seed=0, experiment="search-unit")
+    config = outcome.config
+    assert config.feature_settings == {"no_evals": 16} and {"NO_loss", "NO_delta"} <= set(config.features)
+    assert config.objective["passes_per_image"] == 2 * 16 + (5 if "DL" in config.features else 0)
