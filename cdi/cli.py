@@ -233,10 +233,21 @@ def _check_output_path(path: Path | None) -> None:
     if path is None:
         return
     parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OptionError(f"--output {path}: is a directory; give a file name such as result.json")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OptionError(f"--output {path}: folder {parent} does not exist or is not writable; choose another path")
+    try:
+        if path.is_dir():
+            raise OptionError(f"--output {path}: is a directory; give a file name such as result.json")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise OptionError(f"--output {path}: folder {parent} does not exist or is not writable; "
+                              "choose another path")
+        # Open it now, as the audit will at the end: a read-only file or a name the file system refuses
+        # must fail before any model pass, not after a finished run.
+        existed = path.exists()
+        with path.open("a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise OptionError(f"--output {path}: cannot be written ({exc.strerror or exc}); choose another path") from exc
 
 
 def run_audit(args: argparse.Namespace) -> int:

@@ -50,6 +50,9 @@ def connect(tracking_uri: str, experiment: str) -> str:
         found = mlflow.get_experiment_by_name(experiment)
         return found.experiment_id if found else mlflow.create_experiment(experiment)
     except (MlflowException, OSError, ConnectionError) as exc:
+        refused = _refusal(exc, tracking_uri, None if os.environ.get("MLFLOW_RUN_ID") else experiment)
+        if refused is not None:
+            raise refused from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(
             f"--tracking-uri {tracking_uri}: cannot use the tracking store ({first}); "
@@ -68,6 +71,52 @@ def _probe_server(tracking_uri: str) -> None:
             f"--tracking-uri {tracking_uri}: the tracking server does not answer ({type(exc).__name__}); "
             "start it or pass a reachable URI"
         ) from exc
+
+
+def _refusal(exc: BaseException, tracking_uri: str, experiment: str | None) -> TrackingError | None:
+    """The one-line error for a server that refuses the login (HTTP 401) or the user (HTTP 403), else None.
+
+    MLflow sends MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) with
+    every request; a server started with `cdi server --app-name basic-auth` answers 401 without
+    them or with wrong ones, and 403 when the user lacks permission on the experiment.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return None
+    status = exc.get_http_status_code()
+    if status not in (401, 403):
+        return None
+    username = _username()
+    if status == 401:
+        if username:
+            problem = f"the tracking server refused the login of user {username!r} (HTTP 401)"
+            fix = "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            problem = "the tracking server refused the token in MLFLOW_TRACKING_TOKEN (HTTP 401)"
+            fix = "check the token, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+        else:
+            problem = "the tracking server requires a login (HTTP 401)"
+            fix = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it"
+        return TrackingError(f"--tracking-uri {tracking_uri}: {problem}; {fix}")
+    who = f"user {username!r}" if username else "this login"
+    if experiment is None:  # an existing run (--resume, `mlflow run`): its experiment is fixed
+        return TrackingError(f"--tracking-uri {tracking_uri}: {who} lacks permission on the run's experiment "
+                             "(HTTP 403); ask an admin of the server for EDIT permission on it")
+    return TrackingError(
+        f"--tracking-uri {tracking_uri}: {who} lacks permission on experiment {experiment!r} (HTTP 403); "
+        "ask an admin of the server for EDIT permission on it, or pass --experiment with a new name"
+    )
+
+
+def _username() -> str | None:
+    """The user MLflow logs in as: MLFLOW_TRACKING_USERNAME, else ~/.mlflow/credentials."""
+    try:
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        return read_mlflow_creds().username
+    except (ImportError, OSError, ValueError):
+        return os.environ.get("MLFLOW_TRACKING_USERNAME")
 
 
 _LOST_CONNECTION = (ConnectionError, OSError)
@@ -91,13 +140,20 @@ def audit_run(
         try:
             status = mlflow.get_run(resume_run_id).info.status
         except MlflowException as exc:
-            raise TrackingError(f"--resume {resume_run_id}: no such run at {tracking_uri}; check the run id") from exc
+            raise _refusal(exc, tracking_uri, None) or TrackingError(
+                f"--resume {resume_run_id}: no such run at {tracking_uri}; check the run id") from exc
         if status == "FINISHED":
             raise TrackingError(f"--resume {resume_run_id}: the run is already finished; start a new audit instead")
-    if run_id:
-        active = mlflow.start_run(run_id=run_id)
-    else:
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    try:
+        if run_id:
+            active = mlflow.start_run(run_id=run_id)
+        else:
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    except MlflowException as exc:  # e.g. a user who may read the experiment but not write to it (HTTP 403)
+        refused = _refusal(exc, tracking_uri, None if run_id else experiment)
+        if refused is None:
+            raise
+        raise refused from exc
     run_id = active.info.run_id
     try:
         yield run_id

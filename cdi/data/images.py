@@ -4,6 +4,13 @@ Conversion (documented for users): EXIF orientation is applied; the image is con
 model's channels (RGB or grayscale; alpha is composited onto white, palette and CMYK images are
 converted, 16-bit images are rescaled to 8 bits); the shorter side is resized to the model's
 resolution (bicubic, antialiased) and the centre square is cropped; pixels map to [-1, 1].
+Images of any size are accepted (smaller ones are upscaled); the shift guard records whether
+the original sizes differ between the suspect and control sets.
+
+Discovery: every file below the folder whose suffix is in IMAGE_SUFFIXES (any case) is an image;
+other files (metadata.jsonl, notes, unsupported formats) are ignored. An image file that cannot be
+decoded (truncated, empty, not an image, over Pillow's decompression-bomb pixel limit) is an error
+that names the file.
 """
 
 from __future__ import annotations
@@ -94,7 +101,8 @@ def discover_images(folder: str | Path, role: str, option: str | None = None) ->
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
+        # I;16 declares 16 bits (a dark 16-bit image stays dark); "I" does not say: guess from the values.
+        peak = 65535.0 if image.mode != "I" or array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")

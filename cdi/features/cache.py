@@ -85,6 +85,22 @@ class FeatureCache:
                 rows[digest] = np.array([by_name[name] for name in names], dtype=np.float64)
         return rows
 
+    def drop(self, digests: set[str]) -> None:
+        """Forget these images (e.g. non-finite features): rewrite the shards that hold them without
+        their rows, keeping every other image's cached features."""
+        for shard in sorted(self.root.glob("shard-*.npz")):
+            try:
+                with np.load(shard) as data:
+                    shas, shard_names, values = data["sha256"], list(data["names"]), data["values"]
+                    seconds = json.loads(str(data["seconds"])) if "seconds" in data.files else {}
+            except (OSError, ValueError, KeyError, EOFError):
+                continue
+            keep = np.array([str(digest) not in digests for digest in shas], dtype=bool)
+            if keep.all():
+                continue
+            if keep.any():
+                self.write(shas[keep], shard_names, values[keep], seconds)
+            shard.unlink(missing_ok=True)
 
     def seconds(self, session: str) -> dict[str, float]:
         """Seconds per family summed over the shards one extraction session wrote (all ranks)."""

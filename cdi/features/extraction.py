@@ -274,7 +274,7 @@ def extract(
     if missing:
         raise FeatureError(f"{missing[0].path}: no features were produced ({len(missing)} image(s)); rerun to resume")
     values = np.stack([rows[record.sha256] for record in records])
-    _check_finite(values, records, names)
+    _check_finite(values, records, names, cache, precision)
     return ExtractionReport(
         values=values,
         cache_hits=len(cached),
@@ -334,13 +334,18 @@ def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progre
     return cache.seconds(session)
 
 
-def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], names: Sequence[str]) -> None:
+def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], names: Sequence[str],
+                  cache: FeatureCache, precision: str) -> None:
+    """Refuse non-finite features, naming the first image; drop them from the cache so a rerun recomputes them."""
     bad_rows = np.where(~np.isfinite(values).all(axis=1))[0]
     if len(bad_rows):
         bad_cols = [names[j] for j in np.where(~np.isfinite(values[bad_rows[0]]))[0]]
+        cache.drop({records[i].sha256 for i in bad_rows})
+        fix = ("rerun with --precision 32 (half precision can overflow)" if precision in ("bf16", "16")
+               else "check the model's weights (they give non-finite output for this input)")
         raise FeatureError(
             f"{records[bad_rows[0]].path}: non-finite feature(s) {', '.join(bad_cols)} "
-            f"({len(bad_rows)} image(s) affected); check the image and the model's weights"
+            f"({len(bad_rows)} image(s) affected); {fix}; the cached features of the other images are kept"
         )
 
 

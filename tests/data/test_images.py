@@ -49,6 +49,15 @@ def test_conversion_of_alpha_palette_16bit_and_grayscale(tmp_path):
     assert load_image(tmp_path / "cmyk.jpg", 8, 1).shape == (1, 8, 8)
 
 
+
+def test_16_bit_images_are_scaled_by_their_bit_depth_not_their_values(tmp_path):
+    # 16-bit grey 100 of 65535 is near black; scaling by the brightest value (<= 255) would make it grey 100/255.
+    Image.fromarray(np.full((8, 8), 100, dtype=np.uint16)).save(tmp_path / "dark16.png")
+    assert Image.open(tmp_path / "dark16.png").mode == "I;16"
+    assert load_image(tmp_path / "dark16.png", 8, 1).max() == pytest.approx(-1.0)
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(tmp_path / "mid16.png")  # 128.0 of 255
+    assert load_image(tmp_path / "mid16.png", 8, 3).mean() == pytest.approx(128 / 127.5 - 1, abs=1e-6)
+
 def test_unreadable_files_are_reported_together(tmp_path):
     suspect = write_images(tmp_path / "p", 12, prefix="p")
     control = write_images(tmp_path / "u", 12, seed=9, prefix="u")

@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -65,6 +67,54 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@dataclass
+class CdiServer:
+    """`cdi server OPTIONS --port PORT` in its own session; `start()` again restarts it with the same arguments.
+
+    Its output goes to root/server.log (appended across restarts), the printed command to root/command.txt.
+    """
+
+    root: Path
+    options: list[str]
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def artifacts_destination(self) -> str:
+        return self.options[self.options.index("--artifacts-destination") + 1]
+
+    def start(self, timeout: float = 150) -> "CdiServer":
+        assert self.proc is None or self.proc.poll() is not None, "the server is still running"
+        command = [sys.executable, "-m", "cdi.cli", "server", *self.options, "--port", str(self.port)]
+        log = self.root / "server.log"
+        with open(self.root / "command.txt", "a") as out, open(log, "a") as err:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=self.root, env=self.env,
+                                         start_new_session=True)
+        _wait_until_up(f"{self.url}/health", self.proc, log, "cdi server", timeout=timeout)
+        return self
+
+    def kill(self) -> None:
+        """The machine dies: SIGKILL to the server and its workers, no clean shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+def team_server_options(database_url: str, s3_endpoint: str, prefix: str = PREFIX, workers: int = 2) -> list[str]:
+    """`cdi server` options of the team setup: runs in `database_url`, artifacts in s3://BUCKET/prefix."""
+    return ["--backend-store-uri", database_url, "--artifacts-destination", f"s3://{BUCKET}/{prefix}",
+            "--workers", str(workers), "--s3-endpoint-url", s3_endpoint]
 
 
 @pytest.fixture(scope="session")
@@ -122,40 +172,86 @@ def bucket_keys(s3_endpoint):
 
 
 @pytest.fixture
+def s3_keys(s3_endpoint):
+    """Callable: the object keys under an s3://BUCKET/PREFIX destination, read straight from S3."""
+    def keys(destination: str) -> set[str]:
+        parts = urlsplit(destination)
+        listed = s3_client(s3_endpoint).list_objects_v2(Bucket=parts.netloc, Prefix=f"{parts.path.strip('/')}/")
+        return {item["Key"] for item in listed.get("Contents", [])}
+
+    return keys
+
+
+@pytest.fixture
+def cdi_server(tmp_path):
+    """Callable: start `cdi server` with these options and environment, return its CdiServer; all stopped afterwards."""
+    started: list[CdiServer] = []
+
+    def start(options: list[str], env: dict[str, str], name: str = "server") -> CdiServer:
+        root = tmp_path / name
+        root.mkdir()
+        server = CdiServer(root, list(options), env)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
 def client_env():
     """Callable: a team member's process environment (see client_environment)."""
     return client_environment
 
 
-@pytest.fixture(scope="session")
-def team_database(postgres_url):
-    """A fresh database for this session's MLflow server; dropped afterwards."""
+@contextmanager
+def _new_database(postgres_url: str):
+    """A new, empty database on the server of `postgres_url`; yields its URL, then drops it."""
     import psycopg2
 
     name = f"cdi_{uuid.uuid4().hex[:12]}"
     admin = psycopg2.connect(postgres_url)
     admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    parts = urlsplit(postgres_url)
-    yield urlunsplit(parts._replace(path=f"/{name}"))
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {name}")
+        parts = urlsplit(postgres_url)
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def team_database(postgres_url):
+    """A fresh database for this session's MLflow server; dropped afterwards."""
+    with _new_database(postgres_url) as url:
+        yield url
+
+
+@pytest.fixture
+def own_database(postgres_url):
+    """A fresh database for one test (one that stops and restarts its own server); dropped afterwards."""
+    with _new_database(postgres_url) as url:
+        yield url
+
+
+@pytest.fixture
+def own_team_server(own_database, s3_endpoint, cdi_server):
+    """A started `cdi server` of the team setup that one test may kill and restart (CdiServer.kill/start):
+    its own PostgreSQL database and its own prefix in the bucket, one worker."""
+    prefix = f"{PREFIX}-{uuid.uuid4().hex[:8]}"
+    return cdi_server(team_server_options(own_database, s3_endpoint, prefix=prefix, workers=1),
+                      env={**client_environment(), **S3_CREDENTIALS}, name="team-server")
 
 
 @pytest.fixture(scope="session")
 def team_server(team_database, s3_endpoint, tmp_path_factory):
     """`cdi server` on PostgreSQL + S3, as a team would run it; yields its URL."""
-    root = tmp_path_factory.mktemp("team-server")
-    port = free_port()
-    command = [sys.executable, "-m", "cdi.cli", "server", "--backend-store-uri", team_database,
-               "--artifacts-destination", f"s3://{BUCKET}/{PREFIX}", "--port", str(port), "--workers", "2",
-               "--s3-endpoint-url", s3_endpoint]
-    log = root / "server.log"
-    proc = subprocess.Popen(command, stdout=open(root / "command.txt", "w"), stderr=open(log, "w"), cwd=root,
-                            env={**client_environment(), **S3_CREDENTIALS}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    _wait_until_up(f"{url}/health", proc, log, "cdi server", timeout=150)
-    yield url
-    _stop(proc)
+    server = CdiServer(tmp_path_factory.mktemp("team-server"), team_server_options(team_database, s3_endpoint),
+                       env={**client_environment(), **S3_CREDENTIALS})
+    server.start()
+    yield server.url
+    server.stop()
