@@ -43,7 +43,7 @@ import cdi
 from cdi import tracking
 from cdi.data import ImageRecord, discover_images, load_image
 from cdi.features import FAMILIES, FEATURE_NAMES, FeatureConfig, extract
-from cdi.features.extraction import resolve_device
+from cdi.features.extraction import half_precision_weights, resolve_device
 from cdi.features.gradient_masking import SHARED_NOISE
 from cdi.features.noise import image_noise
 from cdi.models import DiffusionAdapter, load_model
@@ -101,10 +101,12 @@ def cifar_model(args: argparse.Namespace, workdir: Path) -> tuple[DiffusionAdapt
 
 
 class PassCounter:
-    """Counts UNet calls by (family, kind, batch size); a call on an input that requires grad is a forward+backward."""
+    """Counts UNet calls by (family, kind, batch size, autocast on); a call on an input that requires grad is a
+    forward+backward. Autocast is recorded so the floor replays each call at its precision (SecMI's round trip
+    runs in float32 even in a bf16 extraction)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
-        self.calls: Counter[tuple[str, str, int]] = Counter()
+        self.calls: Counter[tuple[str, str, int, bool]] = Counter()
         self.family = "outside"
         self.family_seconds: dict[str, dict[str, float]] = {}  # filled by `attribute_passes`
         self._handle = unet.register_forward_hook(self._hook, with_kwargs=True)
@@ -112,7 +114,8 @@ class PassCounter:
     def _hook(self, module, args, kwargs, output) -> None:
         sample = args[0] if args else kwargs["sample"]
         kind = FORWARD_BACKWARD if torch.is_grad_enabled() and sample.requires_grad else FORWARD
-        self.calls[(self.family, kind, int(sample.shape[0]))] += 1
+        half = torch.is_autocast_enabled(sample.device.type)
+        self.calls[(self.family, kind, int(sample.shape[0]), half)] += 1
 
     def remove(self) -> None:
         self._handle.remove()
@@ -120,7 +123,7 @@ class PassCounter:
     def per_image(self, n_images: int) -> dict[str, Any]:
         """{family: {forward, forward_backward}} per image, plus totals and forward-equivalents."""
         families: dict[str, dict[str, float]] = {}
-        for (family, kind, batch), count in sorted(self.calls.items()):
+        for (family, kind, batch, _), count in sorted(self.calls.items()):
             counts = families.setdefault(family, {FORWARD: 0.0, FORWARD_BACKWARD: 0.0})
             counts[kind] += count * batch / n_images
         forward = sum(c[FORWARD] for c in families.values())
@@ -133,11 +136,11 @@ class PassCounter:
             "forward_equivalents_trainable": forward + FB_COST_TRAINABLE * forward_backward,
         }
 
-    def batched_calls(self) -> Counter[tuple[str, int]]:
-        """(kind, batch size) -> number of calls, all families together: what the floor replays."""
-        out: Counter[tuple[str, int]] = Counter()
-        for (_, kind, batch), count in self.calls.items():
-            out[(kind, batch)] += count
+    def batched_calls(self) -> Counter[tuple[str, int, bool]]:
+        """(kind, batch size, autocast on) -> number of calls, all families together: what the floor replays."""
+        out: Counter[tuple[str, int, bool]] = Counter()
+        for (_, kind, batch, half), count in self.calls.items():
+            out[(kind, batch, half)] += count
         return out
 
 
@@ -352,13 +355,13 @@ def naive(adapter: DiffusionAdapter, records: Sequence[ImageRecord], args: argpa
 # -- 4. the floor -----------------------------------------------------------------------------------------------
 
 
-def floor(adapter: DiffusionAdapter, records: Sequence[ImageRecord], calls: Counter[tuple[str, int]],
+def floor(adapter: DiffusionAdapter, records: Sequence[ImageRecord], calls: Counter[tuple[str, int, bool]],
           args: argparse.Namespace, device: str) -> dict:
     """Replay the engine's model calls bare: no_grad forwards, and forwards + input-only autograd.grad."""
     info = adapter.info
     channels_last = device == "cuda"  # as the engine by default
     adapter.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    biggest = max(batch for _, batch in calls)
+    biggest = max(batch for _, batch, _ in calls)
     x = torch.stack([load_image(r.path, info.image_size, info.image_channels) for r in records[:biggest]]).to(device)
     with torch.no_grad():
         z0 = adapter.encode(x).float()
@@ -366,13 +369,14 @@ def floor(adapter: DiffusionAdapter, records: Sequence[ImageRecord], calls: Coun
         z0 = z0.contiguous(memory_format=torch.channels_last)
     labels, captions = [r.label for r in records[:biggest]], [r.caption for r in records[:biggest]]
     t = adapter.timestep(100)  # the cost of a call does not depend on t
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
-                if device == "cuda" and args.precision in ("bf16", "16") else contextlib.nullcontext())
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
     seconds: dict[str, dict[str, float]] = {}
-    with autocast:
-        for (kind, batch), count in sorted(calls.items()):
+    # The engine's precision: half weights and autocast, float32 (weights widened) where it runs float32 calls.
+    with half_precision_weights(adapter, args.precision):
+        for (kind, batch, half), count in sorted(calls.items()):
             z, cond = z0[:batch], adapter.condition(labels[:batch], captions[:batch])
-            with timed(seconds, kind, device):
+            mode = torch.autocast(device, dtype=dtype) if half else adapter.full_precision(device)
+            with mode, timed(seconds, kind, device):
                 for _ in range(count):
                     if kind == FORWARD:
                         with torch.no_grad():
@@ -571,7 +575,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-images", type=int, default=32, help="demo images (half members, half held-out)")
     parser.add_argument("--demo-model", default=str(REPO / "demo" / "model"), help="the demo pipeline directory")
     parser.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
-                        help="engine precision (bf16/16: autocast on CUDA only); the naive baseline is float32")
+                        help="engine precision (bf16: autocast on CUDA and on CPU, 16: CUDA only); the naive "
+                             "baseline is float32 as the research code")
     parser.add_argument("--seed", type=int, default=0, help="feature noise seed and random weights/images seed")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--tracking-uri",

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--strategy", default="auto",
                        help="Lightning strategy; default ddp_spawn when several devices, else single device")
     audit.add_argument("--precision", choices=("auto", "32", "bf16", "16"), default="auto",
-                       help="autocast on CUDA (auto: bf16 where supported); features are kept in float32")
+                       help="autocast precision (auto: bf16 on CUDA where supported, else 16; 32 on CPU, where "
+                            "bf16 is ~1.5x faster on CPUs with AVX512-BF16/AMX); features are kept in float32 "
+                            "and cached per precision")
     audit.add_argument("--cache-dir", default=None,
                        help="feature cache folder (default $CDI_CACHE_DIR, else ~/.cache/cdi/features)")
     audit.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 
@@ -59,6 +59,14 @@ class FeatureBatch:
     cond: Any
     sha256: Sequence[str]
     seed: int
+    _clean_eps: torch.Tensor | None = field(default=None, repr=False)
+
+    def clean_eps(self, adapter: DiffusionAdapter) -> torch.Tensor:
+        """eps_hat(z0, 0, c), computed once per batch: PIA's eps0 and the first call of SecMI's DDIM
+        inversion are this same deterministic model call."""
+        if self._clean_eps is None:
+            self._clean_eps = adapter.eps_hat(self.z0, adapter.timestep(0), self.cond)
+        return self._clean_eps
 
 
 @dataclass
@@ -81,8 +89,11 @@ class FeatureFamily(ABC):
     names: ClassVar[tuple[str, ...]]
     access: ClassVar[str]  # "gray" (noise predictions only) or "white" (input gradients)
 
-    def __init__(self, config: FeatureConfig) -> None:
+    def __init__(self, config: FeatureConfig, wanted: Iterable[str] | None = None) -> None:
+        """`wanted`: the features to produce (default all of `names`); a family spends no model call on
+        a feature nobody asked for, so the engine matches the cost model (`cdi.search.passes_per_image`)."""
         self.config = config
+        self.wanted = frozenset(self.names if wanted is None else set(wanted) & set(self.names))
 
     @abstractmethod
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput: ...

@@ -99,9 +99,9 @@ class FeatureExtractor(L.LightningModule):
         torch.set_num_threads(self._threads_before)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision in ("bf16", "16") and self.device.type == "cuda":
+        if self.precision in ("bf16", "16") and self.device.type in ("cuda", "cpu"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(device_type="cuda", dtype=dtype)
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -197,7 +197,21 @@ def resolve_precision(precision: str, device: str) -> str:
         if device == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "16"
         return "32"
+    if device == "cpu" and precision == "16":
+        raise OptionError("--precision 16: float16 autocast is for CUDA; on CPU use bf16 (fast on CPUs with "
+                          "AVX512-BF16 or AMX) or 32")
+    if device == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
+        log.warning("--precision bf16: this CPU has no native bfloat16 (AVX512-BF16/AMX); it is emulated and "
+                    "likely slower than --precision 32")
     return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -239,7 +253,10 @@ def extract(
     else:
         scratch = tempfile.mkdtemp(prefix="cdi-features-")
         cache_root = Path(scratch)
-    cache = FeatureCache.open(cache_root, adapter.info.fingerprint, config.to_dict(), seed)
+    # Half-precision features differ from float32 ones (~1 %): they are cached apart. Float32 keeps the
+    # plain key, so caches written before precision was part of it stay valid.
+    key = config.to_dict() if precision == "32" else {**config.to_dict(), "precision": precision}
+    cache = FeatureCache.open(cache_root, adapter.info.fingerprint, key, seed)
     try:
         unique = sorted({record.sha256: record for record in records}.items())
         cached = cache.load([digest for digest, _ in unique], names)
@@ -247,22 +264,9 @@ def extract(
         log.info("feature cache %s: %d hit(s), %d miss(es)", cache.root, len(unique) - len(todo), len(todo))
         started = time.perf_counter()
         family_seconds: dict[str, float] = {}
-        while todo:
-            try:
-                spent = _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress,
-                                 cache, devices, num_nodes, strategy, precision, channels_last, threads)
-                for family, sec in spent.items():
-                    family_seconds[family] = family_seconds.get(family, 0.0) + sec
-                break
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-                if not _is_out_of_memory(exc) or batch_size == 1:
-                    raise
-                batch_size //= 2
-                log.warning("out of memory: retrying with batch size %d (finished batches are kept)", batch_size)
-                if accelerator == "cuda":
-                    torch.cuda.empty_cache()
-                done = cache.load([r.sha256 for r in todo], names)
-                todo = [r for r in todo if r.sha256 not in done]
+        with half_precision_weights(adapter, precision if todo else "32"):
+            _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
+                             num_nodes, strategy, precision, channels_last, threads, family_seconds)
         rows = cache.load([digest for digest, _ in unique], names)
         if devices * num_nodes > 1:
             rows = _wait_for_other_ranks(cache, [digest for digest, _ in unique], names, rows)
@@ -302,6 +306,47 @@ def _wait_for_other_ranks(cache: FeatureCache, shas: list[str], names: Sequence[
         time.sleep(1.0)
         rows = cache.load(shas, names)
     return rows
+
+
+@contextlib.contextmanager
+def half_precision_weights(adapter: DiffusionAdapter, precision: str):
+    """Keep the denoiser's weights in bf16/fp16 while a half-precision extraction runs, then restore the
+    float32 weights bit for bit. Autocast casts every weight to the half type anyway, so the features
+    are the same bits; but frozen weights are re-cast on every call (autocast caches casts only of
+    weights that require grad), which costs up to a third of a forward+backward on CPU, and the float32
+    copy doubles the weights' device memory."""
+    if precision not in ("bf16", "16"):
+        yield
+        return
+    module = adapter.denoiser
+    saved = {key: value.detach().to("cpu", copy=True) for key, value in module.state_dict().items()}
+    module.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    try:
+        yield
+    finally:
+        module.to(torch.float32)
+        module.load_state_dict(saved)
+
+
+def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
+                     strategy, precision, channels_last, threads, family_seconds: dict[str, float]) -> None:
+    """Extract `todo` into the cache; out of memory: halve the batch and go on with the unfinished images."""
+    while todo:
+        try:
+            spent = _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress,
+                             cache, devices, num_nodes, strategy, precision, channels_last, threads)
+            for family, sec in spent.items():
+                family_seconds[family] = family_seconds.get(family, 0.0) + sec
+            return
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if not _is_out_of_memory(exc) or batch_size == 1:
+                raise
+            batch_size //= 2
+            log.warning("out of memory: retrying with batch size %d (finished batches are kept)", batch_size)
+            if accelerator == "cuda":
+                torch.cuda.empty_cache()
+            done = cache.load([r.sha256 for r in todo], names)
+            todo = [r for r in todo if r.sha256 not in done]
 
 
 def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,

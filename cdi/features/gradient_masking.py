@@ -39,6 +39,8 @@ class MultipleLoss(FeatureFamily):
         eps = image_noise(batch.z0, batch.sha256, batch.seed, SHARED_NOISE)
         out = {}
         for t_ref in self.config.multi_timesteps:
+            if f"ML_{t_ref}" not in self.wanted:
+                continue
             t = adapter.timestep(t_ref)
             out[f"ML_{t_ref}"] = l2(adapter.eps_hat(adapter.q(batch.z0, t, eps), t, batch.cond) - eps)
         return FeatureOutput(out)
@@ -54,6 +56,11 @@ class GradientMasking(FeatureFamily):
         out = {}
         for t_ref in self.config.multi_timesteps:
             t = adapter.timestep(t_ref)
+            if f"GM_{t_ref}" not in self.wanted:
+                if f"ML_{t_ref}" in self.wanted:  # ML_t alone: its forward, no gradient
+                    with torch.no_grad():
+                        out[f"ML_{t_ref}"] = l2(adapter.eps_hat(adapter.q(z0, t, eps), t, batch.cond) - eps)
+                continue
             with torch.enable_grad():
                 z_t = adapter.q(z0, t, eps).detach().requires_grad_(True)
                 loss = l2(adapter.eps_hat(z_t, t, batch.cond) - eps)

@@ -3,7 +3,8 @@
 eps0 = eps_hat(z0, 0); z_t = q(z0, t, eps0); PIA = ||eps0 - eps_hat(z_t, t)||_p with t = 200, p = 5.
 PIAN uses the normalised noise eps0~ = eps0 * sqrt(2/pi) / mean|eps0| instead of eps0, so that
 mean|eps0~| = E|N(0, 1)| = sqrt(2/pi). The reference code inverts this constant (sqrt(pi/2)); cdi
-uses the correct one. eps0 is shared: 3 model calls for both features.
+uses the correct one. eps0 is shared: 3 model calls for both features, 2 when SecMI runs in the
+same pass (its first inversion call is eps0).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ class PIA(FeatureFamily):
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         t, p = adapter.timestep(self.config.pia_t), self.config.pia_p
-        eps0 = adapter.eps_hat(batch.z0, adapter.timestep(0), batch.cond)
-        pia = lp(eps0 - adapter.eps_hat(adapter.q(batch.z0, t, eps0), t, batch.cond), p)
-        mean_abs = eps0.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
-        eps0_n = eps0 * (math.sqrt(2.0 / math.pi) / mean_abs).view(-1, *([1] * (eps0.dim() - 1)))
-        pian = lp(eps0_n - adapter.eps_hat(adapter.q(batch.z0, t, eps0_n), t, batch.cond), p)
-        return FeatureOutput({"PIA": pia, "PIAN": pian})
+        eps0 = batch.clean_eps(adapter)
+        out = {}
+        if "PIA" in self.wanted:
+            out["PIA"] = lp(eps0 - adapter.eps_hat(adapter.q(batch.z0, t, eps0), t, batch.cond), p)
+        if "PIAN" in self.wanted:
+            mean_abs = eps0.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
+            eps0_n = eps0 * (math.sqrt(2.0 / math.pi) / mean_abs).view(-1, *([1] * (eps0.dim() - 1)))
+            out["PIAN"] = lp(eps0_n - adapter.eps_hat(adapter.q(batch.z0, t, eps0_n), t, batch.cond), p)
+        return FeatureOutput(out)

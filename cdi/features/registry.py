@@ -55,6 +55,6 @@ def plan_families(names: Sequence[str], config: FeatureConfig) -> list[FeatureFa
         if family_cls is GradientMasking and not any(n.startswith("GM_") for n in useful):
             continue
         if useful:
-            plan.append(family_cls(config))
+            plan.append(family_cls(config, useful))
             covered.update(family_cls.names)
     return plan

@@ -6,6 +6,8 @@ An adapter wraps one suspect model. Features only ever call `encode`, `alpha_bar
 
 from __future__ import annotations
 
+import contextlib
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,36 @@ class DiffusionAdapter(nn.Module, ABC):
         # float64 buffer so that sqrt(1 - alpha_bar) stays accurate near t = 0.
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network `eps_hat` runs (UNet or transformer): the one half-precision extraction keeps in
+        bf16/fp16 while it runs (encoders and VAE stay float32)."""
+        for name in ("unet", "transformer"):
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        raise AttributeError(f"{type(self).__name__} has no unet or transformer")
+
+    @contextlib.contextmanager
+    def full_precision(self, device_type: str):
+        """Model calls inside run in float32 even in a bf16/fp16 extraction: autocast off and, where the
+        denoiser's weights are held in half precision, the weights widened for the block (exactly: half
+        -> float32 -> half is lossless). For the few steps whose result is a small difference of two
+        model outputs, where half-precision rounding would swamp the difference."""
+        module = self.denoiser
+        dtype = next(module.parameters()).dtype
+        with torch.autocast(device_type=device_type, enabled=False):
+            if dtype == torch.float32:
+                yield
+                return
+            with torch.inference_mode(False):  # weights made under inference mode could not serve autograd later
+                module.to(torch.float32)
+            try:
+                yield
+            finally:
+                with torch.inference_mode(False):
+                    module.to(dtype)
+
     # -- conditioning -----------------------------------------------------------------------
     @abstractmethod
     def condition(self, labels: Sequence[int | None], captions: Sequence[str | None]) -> Any:
@@ -80,9 +112,11 @@ class DiffusionAdapter(nn.Module, ABC):
         ab = self.alpha_bar(t)
         return (ab.sqrt() * z0 + (1 - ab).sqrt() * eps).to(z0.dtype)
 
-    def ddim_step(self, z: torch.Tensor, s: int, s_next: int, cond: Any) -> torch.Tensor:
-        """Deterministic DDIM step (eta = 0) from s to s_next, either direction; one eps_hat call."""
-        e = self.eps_hat(z, s, cond)
+    def ddim_step(self, z: torch.Tensor, s: int, s_next: int, cond: Any,
+                  eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic DDIM step (eta = 0) from s to s_next, either direction; one eps_hat call, none
+        when `eps` (eps_hat(z, s, cond), already computed) is given."""
+        e = self.eps_hat(z, s, cond) if eps is None else eps
         ab_s, ab_n = self.alpha_bar(s), self.alpha_bar(s_next)
         x0_hat = (z - (1 - ab_s).sqrt() * e) / ab_s.sqrt()
         return (ab_n.sqrt() * x0_hat + (1 - ab_n).sqrt() * e).to(z.dtype)

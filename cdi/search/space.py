@@ -46,7 +46,7 @@ def passes_per_image(features: Sequence[str], config: FeatureConfig | None = Non
     """Model passes (forwards + backwards) one image costs for `features`, from the definitions.
 
     DL: `dl_draws` forwards; SecMI: secmi_t / secmi_k inversion steps + 2; PIA and PIAN share eps0:
-    2 forwards for either, 3 for both; GM_t: 2 forwards + 1 backward; ML_t: 1 forward, free when
+    2 forwards for either, 3 for both, one less beside SecMI (whose first call is eps0); GM_t: 2 forwards + 1 backward; ML_t: 1 forward, free when
     GM_t runs (same z_t, same eps); NO: `no_evals` forward+backward evaluations. The encode is not
     counted (every subset pays it once).
     """
@@ -59,6 +59,8 @@ def passes_per_image(features: Sequence[str], config: FeatureConfig | None = Non
         passes += config.secmi_t // config.secmi_k + 2
     pia = {"PIA", "PIAN"} & wanted
     passes += 0 if not pia else (2 if len(pia) == 1 else 3)
+    if pia and "SecMI" in wanted:
+        passes -= 1  # SecMI's first inversion call is PIA's eps0
     for t in config.multi_timesteps:
         if f"GM_{t}" in wanted:
             passes += 3

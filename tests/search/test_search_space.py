@@ -14,8 +14,11 @@ SPACES = Path(__file__).resolve().parents[2] / "search" / "spaces"
 
 
 @pytest.mark.parametrize(("features", "passes"), [
-    (FEATURE_NAMES, 5 + 12 + 3 + 10 * 3 + 16),  # ML_t free beside GM_t; NO: 8 forward+backward evaluations
-    (GRAY_BOX_FEATURES, 5 + 12 + 3 + 10),
+    # ML_t free beside GM_t; PIA's eps0 is SecMI's first call; NO: 8 forward+backward evaluations
+    (FEATURE_NAMES, 5 + 12 + 3 - 1 + 10 * 3 + 16),
+    (GRAY_BOX_FEATURES, 5 + 12 + 3 - 1 + 10),
+    (("SecMI",), 12),
+    (("SecMI", "PIA"), 12 + 2 - 1),
     (("PIAN",), 2),  # eps0 + one forward
     (("PIA", "PIAN"), 3),
     (("GM_0", "ML_0", "ML_100"), 3 + 1),
