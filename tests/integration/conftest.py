@@ -2,7 +2,8 @@
 
 PostgreSQL: $CDI_TEST_POSTGRES_URL when set (.ci/run starts one), else a throwaway cluster started
 with scripts/throwaway_postgres.py from the Debian package's binaries; skipped when those are absent.
-S3: moto's standalone server on 127.0.0.1; skipped when `moto[server]` is not installed.
+S3: $CDI_TEST_S3_ENDPOINT when set (.ci/run starts moto's standalone server there), else moto's
+standalone server started here on 127.0.0.1; skipped when `moto[server]` is not installed.
 Only the server gets S3 credentials: clients in these tests have none, as in a team.
 """
 
@@ -137,6 +138,15 @@ def postgres_url():
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 with an empty bucket; yields the endpoint URL."""
+    if os.environ.get("CDI_TEST_S3_ENDPOINT"):
+        endpoint = os.environ["CDI_TEST_S3_ENDPOINT"].rstrip("/")
+        client = s3_client(endpoint)
+        try:
+            client.create_bucket(Bucket=BUCKET)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        yield endpoint
+        return
     try:
         import boto3  # noqa: F401
         import moto.server  # noqa: F401
