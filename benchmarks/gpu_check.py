@@ -287,7 +287,7 @@ def _check(args: argparse.Namespace, scratch: Path, log: logging.Logger) -> int:
     import diffusers
     from cdi.audit import apply_conditioning, audit
     from cdi.data import discover_images
-    from cdi.features.extraction import resolve_precision
+    from cdi.features.extraction import half_precision_weights, resolve_precision
     from cdi.models import load_model
 
     precision = resolve_precision(args.precision, "cuda")
@@ -307,33 +307,35 @@ def _check(args: argparse.Namespace, scratch: Path, log: logging.Logger) -> int:
     records = apply_conditioning(records, adapter, args.prompt, args.class_label)
 
     torch.cuda.reset_peak_memory_stats()
-    adapter = adapter.cuda()
-    if channels_last:
-        adapter.to(memory_format=torch.channels_last)
-    torch.cuda.synchronize()
-    weights = torch.cuda.memory_allocated()
-    result: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "device_total_bytes": torch.cuda.get_device_properties(0).total_memory,
-        "host": platform.node(),
-        "versions": {"cdi": cdi.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "cuda": torch.version.cuda},
-        "model": str(Path(args.model).resolve()),
-        "pipeline_class": info.pipeline_class,
-        "family": info.family,
-        "image_size": info.image_size,
-        "precision": precision,
-        "channels_last": channels_last,
-        "n": args.n,
-        "synthetic_images": synthetic,
-        "weights_bytes": weights,
-        "families": {},
-    }
-    warm_up(adapter, records, precision, channels_last)
-    for batch_size in args.memory_batch_sizes:
-        result["families"][str(batch_size)] = measure_families(adapter, records, batch_size, precision,
-                                                               channels_last, args.seed)
+    # As the engine: the denoiser's weights in bf16/fp16 while a half-precision extraction runs.
+    with half_precision_weights(adapter, precision):
+        adapter = adapter.cuda()
+        if channels_last:
+            adapter.to(memory_format=torch.channels_last)
+        torch.cuda.synchronize()
+        weights = torch.cuda.memory_allocated()
+        result: dict[str, Any] = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(),
+            "device_total_bytes": torch.cuda.get_device_properties(0).total_memory,
+            "host": platform.node(),
+            "versions": {"cdi": cdi.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "cuda": torch.version.cuda},
+            "model": str(Path(args.model).resolve()),
+            "pipeline_class": info.pipeline_class,
+            "family": info.family,
+            "image_size": info.image_size,
+            "precision": precision,
+            "channels_last": channels_last,
+            "n": args.n,
+            "synthetic_images": synthetic,
+            "weights_bytes": weights,
+            "families": {},
+        }
+        warm_up(adapter, records, precision, channels_last)
+        for batch_size in args.memory_batch_sizes:
+            result["families"][str(batch_size)] = measure_families(adapter, records, batch_size, precision,
+                                                                   channels_last, args.seed)
     del adapter
     torch.cuda.empty_cache()
 
