@@ -319,12 +319,13 @@ def half_precision_weights(adapter: DiffusionAdapter, precision: str):
         yield
         return
     module = adapter.denoiser
+    dtype = next(module.parameters()).dtype
     saved = {key: value.detach().to("cpu", copy=True) for key, value in module.state_dict().items()}
     module.to(torch.bfloat16 if precision == "bf16" else torch.float16)
     try:
         yield
     finally:
-        module.to(torch.float32)
+        module.to(dtype)
         module.load_state_dict(saved)
 
 

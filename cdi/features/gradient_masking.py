@@ -57,9 +57,6 @@ class GradientMasking(FeatureFamily):
         for t_ref in self.config.multi_timesteps:
             t = adapter.timestep(t_ref)
             if f"GM_{t_ref}" not in self.wanted:
-                if f"ML_{t_ref}" in self.wanted:  # ML_t alone: its forward, no gradient
-                    with torch.no_grad():
-                        out[f"ML_{t_ref}"] = l2(adapter.eps_hat(adapter.q(z0, t, eps), t, batch.cond) - eps)
                 continue
             with torch.enable_grad():
                 z_t = adapter.q(z0, t, eps).detach().requires_grad_(True)

@@ -46,15 +46,17 @@ def resolve_features(names: Iterable[str] | None, access: str) -> tuple[str, ...
 
 
 def plan_families(names: Sequence[str], config: FeatureConfig) -> list[FeatureFamily]:
-    """The families to run for `names`; ML comes from GM's forward passes when GM runs."""
+    """The families to run for `names`, each told which of its features to produce; ML_t comes from
+    GM_t's forward pass when GM_t runs."""
     wanted = set(names)
     plan: list[FeatureFamily] = []
     covered: set[str] = set()
     for family_cls in FAMILIES:
         useful = wanted.intersection(family_cls.names) - covered
-        if family_cls is GradientMasking and not any(n.startswith("GM_") for n in useful):
-            continue
+        if family_cls is GradientMasking:
+            # ML_t rides on GM_t's forward only where GM_t runs; other ML_t are MultipleLoss's.
+            useful = {n for n in useful if n.startswith("GM_") or f"GM_{n.removeprefix('ML_')}" in wanted}
         if useful:
             plan.append(family_cls(config, useful))
-            covered.update(family_cls.names)
+            covered.update(useful)
     return plan

@@ -78,7 +78,8 @@ def held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -> list
 
 
 def split(model: str | Path, suspect: str | Path, control: str | Path, names: Sequence[str], *, fraction: float,
-          variants: Sequence[Variant] = (), seed: int = 0, batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
+          variants: Sequence[Variant] = (), seed: int = 0, batch_size: int = 50, device: str = "auto",
+          cache_dir: str | Path | None = None,
           progress: bool = False) -> CalibrationData:
     """A seeded `fraction` of the owner's P (label 1) and U (label 0), held out for the search."""
     if not 0.0 < fraction < 1.0:

@@ -90,7 +90,8 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
         tracking.set_tags({"cdi.kind": "search", "cdi.study_name": study_name, "cdi.status": "searching"})
         tracking.log_params({
             "study_name": study_name, "storage": _redact(storage) if storage else "in-memory", "n_trials": n_trials,
-            "n_workers": n_workers, "n_per_side": n, "member_fraction": member_fraction, "resamples": n_resamples, "alpha": alpha, "seed": seed,
+            "n_workers": n_workers, "n_per_side": n, "member_fraction": member_fraction, "resamples": n_resamples,
+            "alpha": alpha, "seed": seed,
             "multi_objective": multi_objective, "space": space.name, "space_features": ",".join(space.all_features),
             "session": session,
             **{f"calibration.{k}": v for k, v in data.description.items()},
@@ -128,12 +129,11 @@ def run_search(*, model: str | Path = DEMO["model"], members: str | Path | None 
                access: str = "white", batch_size: int = 50, device: str = "auto",
                cache_dir: str | Path | None = None, progress: bool = False, **options: Any) -> SearchOutcome:
     """Calibration features (extracted once, cached), then `search`. Defaults: the demo's members."""
-    if members is None and suspect is None and control is None:
+    demo = members is None and suspect is None and control is None
+    if demo:
         members, nonmembers = DEMO["members"], nonmembers or DEMO["nonmembers"]
-        if options.get("member_fraction") is None:
-            options["member_fraction"] = DEMO_MEMBER_FRACTION
     if options.get("member_fraction") is None:
-        options["member_fraction"] = 1.0
+        options["member_fraction"] = DEMO_MEMBER_FRACTION if demo else 1.0
     search_space = load_space(space, access)
     seed = int(options.get("seed", 0))
     started = time.perf_counter()

@@ -46,7 +46,8 @@ def passes_per_image(features: Sequence[str], config: FeatureConfig | None = Non
     """Model passes (forwards + backwards) one image costs for `features`, from the definitions.
 
     DL: `dl_draws` forwards; SecMI: secmi_t / secmi_k inversion steps + 2; PIA and PIAN share eps0:
-    2 forwards for either, 3 for both, one less beside SecMI (whose first call is eps0); GM_t: 2 forwards + 1 backward; ML_t: 1 forward, free when
+    2 forwards for either, 3 for both, one less beside SecMI (whose first call is eps0); GM_t: 2 forwards
+    + 1 backward; ML_t: 1 forward, free when
     GM_t runs (same z_t, same eps); NO: `no_evals` forward+backward evaluations. The encode is not
     counted (every subset pays it once).
     """
@@ -233,4 +234,5 @@ def builtin_space(access: str) -> SearchSpace:
     raise OptionError(f"--access {access!r}: choose gray or white")
 
 
-__all__ = ["DEFAULT_GROUPS", "FAMILY_FEATURES", "SETTING_FEATURES", "SearchSpace", "variant_column", "access_for", "builtin_space", "passes_per_image"]
+__all__ = ["DEFAULT_GROUPS", "FAMILY_FEATURES", "SETTING_FEATURES", "SearchSpace", "access_for", "builtin_space",
+           "passes_per_image", "variant_column"]

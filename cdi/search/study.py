@@ -42,7 +42,6 @@ class Objective:
         self.data, self.space = data, space
         self.n, self.n_resamples, self.alpha, self.seed = n, n_resamples, alpha, seed
         self.multi_objective, self.session = multi_objective, session
-        self.member_fraction = member_fraction
         self.draws = resamples(data.y, n, n_resamples, seed, member_fraction)
 
     def __call__(self, trial: Any) -> float | tuple[float, float]:
