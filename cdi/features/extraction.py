@@ -215,7 +215,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """CUDA's OutOfMemoryError, and the CPU allocator's failure (a plain RuntimeError)."""
+    message = str(exc).lower()
+    return (isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in message
+            or "can't allocate memory" in message)
 
 
 def extract(
@@ -340,8 +343,15 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
                 family_seconds[family] = family_seconds.get(family, 0.0) + sec
             return
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            if not _is_out_of_memory(exc) or batch_size == 1:
+            if not _is_out_of_memory(exc):
                 raise
+            if batch_size == 1:
+                finished = len(cache.load([r.sha256 for r in todo], names))
+                raise FeatureError(
+                    f"--batch-size: out of memory on {accelerator} even for one image; use a device with more "
+                    f"memory, --precision bf16, or fewer features (--access gray); the {finished} image(s) "
+                    "finished are cached"
+                ) from exc
             batch_size //= 2
             log.warning("out of memory: retrying with batch size %d (finished batches are kept)", batch_size)
             if accelerator == "cuda":

@@ -7,7 +7,7 @@ import pytest
 
 from cdi.data import build_image_sets
 from cdi.errors import OptionError
-from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES, extract_features
+from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES, extract, extract_features
 from cdi.models import load_model
 
 
@@ -152,3 +152,72 @@ def test_the_engine_makes_exactly_the_model_calls_the_cost_model_counts(setup, n
     finally:
         handle.remove()
     assert (calls["forward"] + calls["backward"]) / 6 == passes_per_image(names)
+
+
+@pytest.mark.parametrize("error", ["cuda", "cpu"])
+def test_out_of_memory_halves_the_batch_keeps_finished_images_and_says_so(tiny_model, image_sets, tmp_path,
+                                                                          caplog, error):
+    """A device that cannot hold a batch of 4 once the first batch is done: the extraction logs the halving,
+    finishes at batch 2 without recomputing the finished batch, and the features are those of a batch-2 run."""
+    import torch
+
+    adapter = load_model(tiny_model)  # its own copy: the memory limit below is put on this model only
+    suspect, control = build_image_sets(*image_sets, adapter.info.image_size, adapter.info.image_channels)
+    records = [*suspect, *control][:12]
+    names = ("DL", "PIA")
+    expected = extract_features(adapter, records, names, seed=3, batch_size=2, progress=False, use_cache=False)
+
+    sizes: list[int] = []
+
+    def record(module, args, kwargs):
+        sizes.append(len(args[0] if args else kwargs["sample"]))
+
+    count = adapter.unet.register_forward_pre_hook(record, with_kwargs=True)
+    extract_features(adapter, records[:4], names, seed=3, batch_size=4, progress=False, use_cache=False)
+    calls_per_batch = len(sizes)
+    sizes.clear()
+
+    def memory_limit(module, args, kwargs):
+        if len(sizes) > calls_per_batch and sizes[-1] > 2:  # the second batch of 4 no longer fits
+            if error == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    limit = adapter.unet.register_forward_pre_hook(memory_limit, with_kwargs=True)
+    try:
+        with caplog.at_level("WARNING", logger="cdi.features.extraction"):
+            report = extract(adapter, records, names, seed=3, batch_size=4, progress=False, cache_dir=tmp_path)
+    finally:
+        limit.remove()
+        count.remove()
+    assert "out of memory: retrying with batch size 2" in caplog.text
+    assert sizes.count(4) == calls_per_batch + 1  # the finished batch once, then the failing call; never redone
+    assert sizes.count(2) == 4 * calls_per_batch  # the 8 unfinished images, in batches of 2
+    assert report.cache_misses == 12
+    np.testing.assert_allclose(report.values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_for_a_single_image_is_a_one_line_error_that_keeps_finished_images(tiny_model, image_sets,
+                                                                                         tmp_path):
+    import torch
+
+    from cdi.errors import FeatureError
+
+    adapter = load_model(tiny_model)
+    suspect, control = build_image_sets(*image_sets, adapter.info.image_size, adapter.info.image_channels)
+    records = [*suspect, *control][:6]
+    calls: list[int] = []
+
+    def memory_limit(module, args, kwargs):  # room for the first image's passes only
+        calls.append(1)
+        if len(calls) > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    limit = adapter.unet.register_forward_pre_hook(memory_limit, with_kwargs=True)
+    try:
+        with pytest.raises(FeatureError, match=r"--batch-size: out of memory .* the 1 image\(s\) finished are cached"):
+            extract(adapter, records, ("DL",), batch_size=1, progress=False, cache_dir=tmp_path)
+    finally:
+        limit.remove()
+    again = extract(adapter, records, ("DL",), batch_size=1, progress=False, cache_dir=tmp_path)
+    assert (again.cache_hits, again.cache_misses) == (1, 5)
