@@ -237,6 +237,7 @@ def audit(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "auto",
+    threads: int | None = None,
     prompt: str | None = None,
     class_label: str | int | None = None,
     latent_sample_seed: int | None = None,
@@ -284,7 +285,7 @@ def audit(
         return extract(
             adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
             progress=show_progress, cache_dir=cache_dir, use_cache=cached, devices=devices, num_nodes=num_nodes,
-            strategy=strategy, precision=precision,
+            strategy=strategy, precision=precision, threads=threads,
         )
 
     if worker_rank() > 0:
@@ -324,6 +325,7 @@ def audit(
             "devices": devices,
             "num_nodes": num_nodes,
             "precision": precision,
+            "threads": threads or None,
             **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
             "suspect_path": str(Path(suspect).resolve()),
             "control_path": str(Path(control).resolve()),

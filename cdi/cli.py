@@ -282,6 +282,7 @@ def run_audit(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         strategy=args.strategy,
         precision=args.precision,
+        threads=args.threads or None,  # also inside Lightning's DDP processes, which pick their own count
         prompt=args.prompt,
         class_label=args.class_label,
         latent_sample_seed=args.latent_sample_seed,
