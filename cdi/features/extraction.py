@@ -12,13 +12,13 @@ How work is laid out, so that results never depend on how they were computed:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +138,8 @@ class FeatureExtractor(L.LightningModule):
         matrix, seconds = self.compute(batch)
         values = matrix.cpu().numpy()
         if self.cache_root is not None:
-            FeatureCache(Path(self.cache_root)).write(batch["sha256"], self.names, values, seconds, self.session)
+            FeatureCache(Path(self.cache_root)).write(batch["sha256"], self.names, values, seconds,
+                                                      f"{self.session}r{self.global_rank}-")
         return {"n": len(batch["sha256"])}
 
 
@@ -266,14 +267,15 @@ def extract(
         todo = [record for digest, record in unique if digest not in cached]
         log.info("feature cache %s: %d hit(s), %d miss(es)", cache.root, len(unique) - len(todo), len(todo))
         started = time.perf_counter()
-        family_seconds: dict[str, float] = {}
+        session = _session_id(todo, names)
         with half_precision_weights(adapter, precision if todo else "32"):
             _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
-                             num_nodes, strategy, precision, channels_last, threads, family_seconds)
+                             num_nodes, strategy, precision, channels_last, threads, session)
         rows = cache.load([digest for digest, _ in unique], names)
         if devices * num_nodes > 1:
             rows = _wait_for_other_ranks(cache, [digest for digest, _ in unique], names, rows)
         seconds = time.perf_counter() - started
+        family_seconds = cache.seconds(session) if todo else {}  # every rank's shards, every retry's
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -332,15 +334,20 @@ def half_precision_weights(adapter: DiffusionAdapter, precision: str):
         module.load_state_dict(saved)
 
 
+def _session_id(todo: Sequence[ImageRecord], names: Sequence[str]) -> str:
+    """Shard-name prefix of one extraction: the same in every rank (each node computes the same `todo` before
+    the ranks meet), so that rank 0 can sum every rank's seconds per family."""
+    digest = hashlib.sha256("\n".join([*names, *(record.sha256 for record in todo)]).encode()).hexdigest()
+    return f"{digest[:12]}-"
+
+
 def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
-                     strategy, precision, channels_last, threads, family_seconds: dict[str, float]) -> None:
+                     strategy, precision, channels_last, threads, session: str) -> None:
     """Extract `todo` into the cache; out of memory: halve the batch and go on with the unfinished images."""
     while todo:
         try:
-            spent = _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress,
-                             cache, devices, num_nodes, strategy, precision, channels_last, threads)
-            for family, sec in spent.items():
-                family_seconds[family] = family_seconds.get(family, 0.0) + sec
+            _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
+                     num_nodes, strategy, precision, channels_last, threads, session)
             return
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             if not _is_out_of_memory(exc):
@@ -361,13 +368,12 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
 
 
 def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
-             strategy, precision, channels_last, threads) -> dict[str, float]:
+             strategy, precision, channels_last, threads, session: str) -> None:
     info = adapter.info
     dataset = ImageDataset(todo, info.image_size, info.image_channels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=RankBatchSampler(len(dataset), batch_size), num_workers=0
     )
-    session = f"{uuid.uuid4().hex[:8]}-"
     module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last, session,
                               threads)
     if strategy == "auto" and devices * num_nodes > 1:
@@ -387,7 +393,6 @@ def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progre
         callbacks=callbacks,
     )
     trainer.predict(module, dataloaders=loader, return_predictions=False)  # results travel through the cache
-    return cache.seconds(session)
 
 
 def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], names: Sequence[str],

@@ -47,12 +47,18 @@ def test_two_nodes_running_the_same_command_share_the_work_and_rank_0_alone_repo
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # node 1 logged nothing
     assert runs[0].info.run_id == json.loads(out.read_text())["run_id"]
 
-    # Both nodes computed: 24 images in 5 batches of 5, batches 0, 2, 4 on node 0 and 1, 3 on node 1, each
-    # node's shards under its own session prefix.
-    shards = sorted(path.name for path in Path(cache).rglob("shard-*.npz"))
-    sessions = sorted({name.split("-")[1] for name in shards})
-    assert len(shards) == 5 and len(sessions) == 2
-    assert sorted(sum(name.split("-")[1] == s for name in shards) for s in sessions) == [2, 3]
+    # Both nodes computed: 24 images in 5 batches of 5, batches 0, 2, 4 on rank 0 and 1, 3 on rank 1; the run's
+    # seconds per family are those of all five shards.
+    shards = sorted(Path(cache).rglob("shard-*.npz"))
+    ranks = [path.name.split("-")[2] for path in shards]
+    assert (ranks.count("r0"), ranks.count("r1")) == (3, 2)
+    spent: dict[str, float] = {}
+    for shard in shards:
+        with np.load(shard) as data:
+            for family, seconds in json.loads(str(data["seconds"])).items():
+                spent[family] = spent.get(family, 0.0) + seconds
+    logged = {key.split(".", 1)[1]: value for key, value in runs[0].data.metrics.items() if key.startswith("seconds.")}
+    assert spent.keys() <= logged.keys() and all(abs(logged[f] - spent[f]) < 1e-3 for f in spent)
 
     # The merged features are the bits one process computes alone.
     adapter = load_model(tiny_model)
