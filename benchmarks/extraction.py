@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -434,17 +435,24 @@ def bench_model(name: str, adapter: DiffusionAdapter, records: list[ImageRecord]
     n = len(records)
     load_before = os.getloadavg()[0]
     print(f"{name}: {n} images, batch {args.batch_size}, {device}, {args.threads} thread(s)", file=sys.stderr)
-    engine = fused(adapter, records, args, device)
-    print(f"{name}: fused {engine['seconds']['wall']:.1f} s", file=sys.stderr)
-    baseline = naive(adapter, records, args, device)
-    print(f"{name}: naive {baseline['seconds']['wall']:.1f} s", file=sys.stderr)
-    bare = floor(adapter, records, engine["counter"].batched_calls(), args, device)
-    print(f"{name}: floor {bare['seconds']['wall']:.1f} s", file=sys.stderr)
-    if not np.isfinite(baseline["values"]).all():
-        raise RuntimeError(f"{name}: the naive baseline produced non-finite features")
-
-    report, passes = engine["report"], engine["counter"].per_image(n)
+    runs = []
+    for repeat in range(args.repeats):  # interleaved, so that a change in machine load hits all three alike
+        tag = f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
+        engine = fused(adapter, records, args, device)
+        print(f"{name}: fused {engine['seconds']['wall']:.1f} s{tag}", file=sys.stderr)
+        baseline = naive(adapter, records, args, device)
+        print(f"{name}: naive {baseline['seconds']['wall']:.1f} s{tag}", file=sys.stderr)
+        bare = floor(adapter, records, engine["counter"].batched_calls(), args, device)
+        print(f"{name}: floor {bare['seconds']['wall']:.1f} s{tag}", file=sys.stderr)
+        if not np.isfinite(baseline["values"]).all():
+            raise RuntimeError(f"{name}: the naive baseline produced non-finite features")
+        runs.append((engine, baseline, bare))
     clocks = ("wall", "cpu") if device == "cpu" else ("wall",)  # process CPU time means little next to a GPU
+    # Totals: the median over repeats of each phase's time; per-family detail: the first repeat.
+    median = {clock: [statistics.median(run[i]["seconds"][clock] for run in runs) for i in range(3)]
+              for clock in clocks}
+    engine, baseline, bare = runs[0]
+    report, passes = engine["report"], engine["counter"].per_image(n)
 
     def per_clock(seconds_by_key: dict[str, dict[str, float]], clock: str) -> dict[str, float]:
         return {key: seconds[clock] for key, seconds in seconds_by_key.items()}
@@ -455,7 +463,13 @@ def bench_model(name: str, adapter: DiffusionAdapter, records: list[ImageRecord]
         "parameters": sum(p.numel() for p in adapter.unet.parameters()),
         "passes_per_image": passes,
         "naive_passes_per_image": baseline["counter"].per_image(n),
-        **throughput(n, engine["seconds"]["wall"], baseline["seconds"]["wall"], bare["seconds"]["wall"]),
+        **throughput(n, *median["wall"]),
+        "repeats": {
+            "n": len(runs),
+            **{clock: {"speedup_vs_naive": [run[1]["seconds"][clock] / run[0]["seconds"][clock] for run in runs],
+                       "ratio_to_floor": [run[0]["seconds"][clock] / run[2]["seconds"][clock] for run in runs]}
+               for clock in clocks},
+        },
         "family_seconds": report.family_seconds,  # the engine's own per-family timing (wall-clock)
         "naive_vs_fused": agreement(report.values, baseline["values"]),
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
@@ -464,9 +478,9 @@ def bench_model(name: str, adapter: DiffusionAdapter, records: list[ImageRecord]
     for clock in clocks:
         floor_kinds = per_clock(bare["kind_seconds"], clock)
         entry[f"{clock}_seconds"] = {
-            "fused": engine["seconds"][clock],
-            "naive": baseline["seconds"][clock],
-            "floor": bare["seconds"][clock],
+            "fused": median[clock][0],
+            "naive": median[clock][1],
+            "floor": median[clock][2],
             "fused_families": per_clock(engine["counter"].family_seconds, clock),
             "naive_families": per_clock(baseline["family_seconds"], clock),
             "floor_kinds": floor_kinds,
@@ -474,7 +488,7 @@ def bench_model(name: str, adapter: DiffusionAdapter, records: list[ImageRecord]
                 per_clock(engine["counter"].family_seconds, clock), passes, floor_kinds),
         }
     if "cpu" in clocks:
-        entry["cpu_time"] = throughput(n, engine["seconds"]["cpu"], baseline["seconds"]["cpu"], bare["seconds"]["cpu"])
+        entry["cpu_time"] = throughput(n, *median["cpu"])
     return entry
 
 
@@ -499,6 +513,10 @@ def print_table(results: dict) -> None:
             print(f"  {label:<22}" + "".join(f"{1 / by_clock[clock][key]:>12.3f}" for clock in clocks))
         for key in ("speedup_vs_naive", "ratio_to_floor"):
             print(f"  {key:<22}" + "".join(f"{by_clock[clock][key]:>12.3f}" for clock in clocks))
+            if entry["repeats"]["n"] > 1:  # the line above is from the median times
+                print(f"  {'  repeats min-max':<22}" + "".join(
+                    f"{min(entry['repeats'][clock][key]):>7.2f}-{max(entry['repeats'][clock][key]):.2f}"
+                    for clock in clocks))
 
         clock = clocks[-1]  # CPU time on a CPU, wall-clock on a GPU
         seconds = entry[f"{clock}_seconds"]
@@ -578,6 +596,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="engine precision (bf16: autocast on CUDA and on CPU, 16: CUDA only); the naive "
                              "baseline is float32 as the research code")
     parser.add_argument("--seed", type=int, default=0, help="feature noise seed and random weights/images seed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run fused, naive and floor this many times, interleaved; totals are the medians and "
+                             "the per-repeat ratios are reported")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -586,8 +607,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
-    if min(args.threads, args.batch_size, args.n_images, args.demo_images) < 1:
-        parser.error("--threads, --batch-size, --n-images and --demo-images must be positive")
+    if min(args.threads, args.batch_size, args.n_images, args.demo_images, args.repeats) < 1:
+        parser.error("--threads, --batch-size, --n-images, --demo-images and --repeats must be positive")
     return args
 
 
