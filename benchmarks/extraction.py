@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -627,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The engine casts the denoiser to bf16/fp16 on purpose (and back): diffusers' advice against it is noise here.
     diffusers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own deprecation, once per trainer
     results: dict[str, Any] = {
         "settings": {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),

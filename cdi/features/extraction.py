@@ -97,6 +97,8 @@ class FeatureExtractor(L.LightningModule):
 
     def on_predict_end(self) -> None:
         torch.set_num_threads(self._threads_before)
+        if self.trainer.world_size > 1:  # rank 0 reads every rank's shards next: wait until all are written
+            self.trainer.strategy.barrier("cdi-shards-written")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in ("bf16", "16") and self.device.type in ("cuda", "cpu"):
@@ -305,7 +307,8 @@ def worker_rank() -> int:
 
 def _wait_for_other_ranks(cache: FeatureCache, shas: list[str], names: Sequence[str], rows: dict,
                           timeout_s: float = 600.0) -> dict:
-    """Lightning ends predict without a barrier: wait until every rank's shards are on disk."""
+    """The ranks meet at a barrier once their shards are written; on a shared filesystem another node's
+    files can still take a while to show: wait until every rank's shards are visible."""
     deadline = time.monotonic() + timeout_s
     while len(rows) < len(shas) and time.monotonic() < deadline:
         time.sleep(1.0)
