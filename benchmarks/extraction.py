@@ -603,6 +603,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="write the JSON only, log nothing (and need no mlflow installed: GPU machines "
+                             "that carry only torch, lightning and diffusers)")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
@@ -619,8 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     device = resolve_device(args.device)
-    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    tracking.connect(tracking_uri, EXPERIMENT)  # fail fast, before any model pass
+    tracking_uri = None if args.no_mlflow else tracking.resolve_tracking_uri(args.tracking_uri)
+    if tracking_uri:
+        tracking.connect(tracking_uri, EXPERIMENT)  # fail fast, before any model pass
     torch.set_num_threads(args.threads)
 
     import diffusers
@@ -663,8 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_path = args.json or Path(tmp) / "extraction.json"
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        log_to_mlflow(results, json_path, tracking_uri)
-    print(f"\nlogged to {tracking_uri} (experiment {EXPERIMENT})" + (f"; wrote {args.json}" if args.json else ""))
+        if tracking_uri:
+            log_to_mlflow(results, json_path, tracking_uri)
+    done = [f"logged to {tracking_uri} (experiment {EXPERIMENT})"] if tracking_uri else []
+    print("\n" + "; ".join(done + ([f"wrote {args.json}"] if args.json else [])))
     return 0
 
 

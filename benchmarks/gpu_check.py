@@ -290,6 +290,7 @@ def _check(args: argparse.Namespace, scratch: Path, log: logging.Logger) -> int:
     from cdi.features.extraction import half_precision_weights, resolve_precision
     from cdi.models import load_model
 
+    diffusers.utils.logging.set_verbosity_error()  # the half-precision cast below is deliberate
     precision = resolve_precision(args.precision, "cuda")
     channels_last = not args.no_channels_last
     adapter = load_model(args.model, allow_pickle=args.allow_pickle)
