@@ -56,6 +56,23 @@ MODELS = ("demo", "cifar")
 FORWARD, FORWARD_BACKWARD = "forward", "forward_backward"
 #: Cost of one forward+backward in forwards: backward w.r.t. the input ~ 1 forward, w.r.t. the weights ~ 1 more.
 FB_COST_FROZEN, FB_COST_TRAINABLE = 2, 3
+#: The DDPM CIFAR-10 UNet of Ho et al. (2020) as diffusers publishes it (google/ddpm-cifar10-32): 35.7 M
+#: parameters, one attention head of 256 channels at 16x16. diffusers' own default, 8 channels per head,
+#: would give 32 heads of 8 channels: the same parameters, but an attention whose softmax dominates the time.
+DDPM_CIFAR10_UNET: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+)
 
 
 # -- models and images ------------------------------------------------------------------------------------------
@@ -80,15 +97,7 @@ def cifar_model(args: argparse.Namespace, workdir: Path) -> tuple[DiffusionAdapt
     from PIL import Image
 
     torch.manual_seed(args.seed)
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=2,
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    )
+    unet = UNet2DModel(**DDPM_CIFAR10_UNET)
     pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
     pipeline.save_pretrained(workdir / "cifar-model", safe_serialization=True)
     images = workdir / "cifar-images"

@@ -97,6 +97,8 @@ class FeatureExtractor(L.LightningModule):
 
     def on_predict_end(self) -> None:
         torch.set_num_threads(self._threads_before)
+        if self.channels_last:  # hand the model back in the layout it came in
+            self.adapter.to(memory_format=torch.contiguous_format)
         if self.trainer.world_size > 1:  # rank 0 reads every rank's shards next: wait until all are written
             self.trainer.strategy.barrier("cdi-shards-written")
 
