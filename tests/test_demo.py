@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from cdi.audit import audit
@@ -32,3 +33,30 @@ def test_demo_members_are_detected_and_held_out_digits_are_not(suspect, expected
         # no permutation of 1000 beats the observed statistic: the smallest p the test can give
         assert result.p_value == 1 / 1001
         assert result.extras["welch_p_value"] < 1e-6
+
+
+def test_demo_audit_with_a_warm_cache_makes_no_model_pass(tmp_path, tracking_uri, monkeypatch):
+    """The audit `mlflow run .` makes (the whole demo, 26 features, batch 50) after the features are cached
+    (here by an extraction at another batch size): every image is a cache hit, the denoiser never runs."""
+    from diffusers import UNet2DModel
+
+    from cdi.data import build_image_sets
+    from cdi.features import FEATURE_NAMES, extract
+    from cdi.models import load_model
+
+    adapter = load_model(DEMO / "model")
+    suspect, control = build_image_sets(DEMO / "members", DEMO / "heldout", adapter.info.image_size,
+                                        adapter.info.image_channels)
+    cold = extract(adapter, [*suspect, *control], FEATURE_NAMES, batch_size=16, progress=False,
+                   cache_dir=tmp_path / "cache", device="cpu")
+    assert (cold.cache_hits, cold.cache_misses) == (0, 200)
+
+    passes = []
+    forward = UNet2DModel.forward
+    monkeypatch.setattr(UNet2DModel, "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
+    result = audit(DEMO / "model", DEMO / "members", DEMO / "heldout", access="white", batch_size=50,
+                   cache_dir=tmp_path / "cache", progress=False, power_resamples=0, experiment="warm-demo")
+    assert passes == []
+    metrics = mlflow.MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
+    assert (metrics["cache_hits"], metrics["cache_misses"]) == (200, 0)
+    assert result.verdict == "used"
