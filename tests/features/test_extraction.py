@@ -256,3 +256,19 @@ def test_channels_last_runs_the_denoiser_in_that_layout_and_changes_no_feature(t
     else:
         relative = np.abs(last - plain) / np.abs(plain).clip(1e-6)
         assert np.median(relative) < 0.01
+
+
+def test_auto_precision_is_half_on_cuda_and_float32_on_cpu(monkeypatch):
+    """`--precision auto`: bf16 on a CUDA device that supports it, float16 on one that does not, float32 on CPU."""
+    import torch
+
+    from cdi.features.extraction import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda") == "16"
+    assert resolve_precision("32", "cuda") == "32"
+    with pytest.raises(OptionError, match="--precision .fp8."):
+        resolve_precision("fp8", "cuda")
