@@ -339,7 +339,7 @@ def naive(adapter: DiffusionAdapter, records: Sequence[ImageRecord], args: argpa
     counter = PassCounter(adapter.unet)
     values: dict[str, list[torch.Tensor]] = {}
     family_seconds: dict[str, dict[str, float]] = {}
-    adapter.to(device, memory_format=torch.contiguous_format)  # undo the engine's channels_last (CUDA)
+    adapter.to(device)  # contiguous: the engine hands the model back in the layout it came in
     try:
         with trainable_weights(adapter):
             for family, compute, needs_grad in NAIVE_FAMILIES:
