@@ -20,6 +20,7 @@ from cdi.models import load_model
 from cdi.manifest import build_manifest, image_entries
 from cdi.stats import image_statistics
 from cdi.stats.assessment import TEST_NAMES, assess, evidence_fields
+from cdi.stats.difficulty import DIFFICULTY_MODES, REFERENCE_FORMULAS, REPRESENTATIONS, calibrate, difficulty_covariates
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,59 @@ def _image_statistics(records: Sequence[ImageRecord], adapter: Any, batch_size: 
             z0 = adapter.encode(batch).flatten(2).float()
             latents.append(torch.cat([z0.mean(dim=2), z0.std(dim=2)], dim=1).numpy())
     return np.hstack([stats, np.vstack(latents)])
+
+
+def _difficulty_covariates(records: Sequence[ImageRecord], size: int, channels: int) -> np.ndarray:
+    """Label-free difficulty covariates of each image as the model sees it (`cdi.stats.difficulty`)."""
+    from cdi.data import load_image
+
+    return np.stack([difficulty_covariates(load_image(r.path, size, channels).numpy()) for r in records])
+
+
+#: Default of `--difficulty-calibration` (benchmarks/power.py measured its gain; see benchmarks/README.md).
+DEFAULT_DIFFICULTY = "off"
+
+
+def _check_calibration_options(representation: str, reference_formula: str, difficulty: str) -> None:
+    if representation not in REPRESENTATIONS:
+        raise OptionError(f"--representation {representation!r}: choose one of {', '.join(REPRESENTATIONS)}")
+    if reference_formula not in REFERENCE_FORMULAS:
+        raise OptionError(f"--reference-formula {reference_formula!r}: choose one of {', '.join(REFERENCE_FORMULAS)}")
+    if difficulty not in DIFFICULTY_MODES:
+        raise OptionError(f"--difficulty-calibration {difficulty!r}: choose one of {', '.join(DIFFICULTY_MODES)}")
+
+
+def _load_target(model: str | Path, allow_pickle: bool, latent_sample_seed: int | None, lora: Any) -> Any:
+    if lora is None:
+        return load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed)
+    return load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed, lora=lora)
+
+
+def _reference_entries(references: Sequence[Any], defaulted: bool) -> list[dict[str, Any]]:
+    """What the result JSON and the run record about each reference model."""
+    return [{"path": str(Path(r.info.path).resolve()), "fingerprint": r.info.fingerprint,
+             "pipeline_class": r.info.pipeline_class, "base_of_lora": defaulted} for r in references]
+
+
+def load_references(adapter: Any, reference_models: Sequence[str | Path], *, model: str | Path, lora: Any,
+                    allow_pickle: bool, latent_sample_seed: int | None) -> tuple[list[Any], bool]:
+    """The reference adapters, checked comparable with `adapter`; with `--lora` and no reference the base
+    pipeline (`--model` without the LoRA) is the reference. Returns (references, defaulted to the base)."""
+    from cdi.models.compare import check_comparable
+
+    defaulted = bool(lora) and not reference_models
+    paths = [model] if defaulted else list(reference_models)
+    references, seen = [], {}
+    for path in paths:
+        reference = load_model(path, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed)
+        option = "--model (the base of --lora, used as reference)" if defaulted else "--reference-model"
+        check_comparable(adapter, reference, option)
+        if reference.info.fingerprint in seen:
+            raise OptionError(f"--reference-model {path}: the same model as --reference-model {seen[reference.info.fingerprint]} "
+                              "(same fingerprint); give each reference once")
+        seen[reference.info.fingerprint] = path
+        references.append(reference)
+    return references, defaulted
 
 
 def _report(result: "AuditResult", table: Any) -> str | None:
@@ -198,6 +252,12 @@ def summary_markdown(result: AuditResult) -> str:
             "|---|---|",
             f"| model | `{result.model_path}` |",
             f"| model fingerprint | `{result.model_fingerprint}` |",
+            *([f"| LoRA | `{lora['path']}` |"] if (lora := extras.get("lora")) else []),
+            *[f"| reference model {k} | `{ref['path']}` (`{ref['fingerprint'][:12]}`) |"
+              for k, ref in enumerate(extras.get("reference_models") or [], start=1)],
+            *([f"| calibration | {cal['representation']}"
+               + (f" ({cal['reference_formula']})" if cal.get("reference_formula") else "")
+               + f", difficulty {cal['difficulty_calibration']} |"] if (cal := extras.get("calibration")) else []),
             f"| suspect / control images | {result.n_suspect} / {result.n_control} |",
             f"| test | {result.test}, Welch t = {result.statistic:.3f} |",
             f"| AUC of out-of-fold scores | {result.auc:.3f} |",
@@ -248,6 +308,11 @@ def audit(
     C: float = 1.0,
     penalty: str = "l2",
     resume_run_id: str | None = None,
+    reference_models: Sequence[str | Path] = (),
+    lora: str | Path | None = None,
+    representation: str = "calibrated",
+    reference_formula: str = "difference",
+    difficulty_calibration: str | None = None,
 ) -> AuditResult | None:
     """Audit `model` for use of the `suspect` images against the `control` images.
 
@@ -255,6 +320,12 @@ def audit(
     `search_config` (a `cdi.search.SearchConfig`): the search this audit's settings come from; its run id
     is recorded, its C, penalty and feature settings are applied, and its calibration images are left
     out (held out of this P and U) or refused (a reference model's), see `cdi.search.config`.
+
+    `reference_models`: models not trained on P or U (e.g. the base of a fine-tune), queried with the same
+    seeded noise; `representation` says what the scorer gets (raw, calibrated or both, formula
+    `reference_formula`), see `cdi.stats.difficulty`. `lora`: a LoRA file applied to `model` (the audited
+    model is base + LoRA; the base is the reference when none is given). `difficulty_calibration`
+    ("image" or "off"; default DEFAULT_DIFFICULTY): regress the features on label-free image covariates.
     """
     import pandas as pd
 
@@ -265,8 +336,20 @@ def audit(
         raise OptionError("--permutations must be >= 1 and --power-resamples >= 0")
     names = resolve_features(features, access)
     feature_config = feature_config or FeatureConfig()
-    adapter = load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed)
+    if search_config is not None:
+        calibration = getattr(search_config, "calibration", None) or {}
+        representation = calibration.get("representation", representation)
+        reference_formula = calibration.get("reference_formula", reference_formula)
+        difficulty_calibration = calibration.get("difficulty_calibration", difficulty_calibration)
+    difficulty_calibration = difficulty_calibration or DEFAULT_DIFFICULTY
+    _check_calibration_options(representation, reference_formula, difficulty_calibration)
+    adapter = _load_target(model, allow_pickle, latent_sample_seed, lora)
     info = adapter.info
+    references, reference_defaulted = load_references(
+        adapter, reference_models, model=model, lora=lora, allow_pickle=allow_pickle,
+        latent_sample_seed=latent_sample_seed)
+    if reference_defaulted:
+        log.warning("--lora without --reference-model: the base model %s (without the LoRA) is the reference", model)
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
     suspect_records = apply_conditioning(suspect_records, adapter, prompt, class_label)
     control_records = apply_conditioning(control_records, adapter, prompt, class_label)
@@ -281,9 +364,9 @@ def audit(
             feature_config = replace(feature_config, **search_config.feature_settings)
     records = [*suspect_records, *control_records]
 
-    def run_extraction(show_progress: bool, cached: bool):
+    def run_extraction(show_progress: bool, cached: bool, model_adapter: Any = adapter):
         return extract(
-            adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
+            model_adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
             progress=show_progress, cache_dir=cache_dir, use_cache=cached, devices=devices, num_nodes=num_nodes,
             strategy=strategy, precision=precision, threads=threads,
         )
@@ -291,15 +374,19 @@ def audit(
     if worker_rank() > 0:
         # A launcher (Lightning's ddp, torchrun, SLURM) started this process as one more rank: it only
         # computes its share of the features into the shared cache; rank 0 scores and logs the audit.
-        run_extraction(show_progress=False, cached=True)
+        for model_adapter in (adapter, *references):
+            run_extraction(show_progress=False, cached=True, model_adapter=model_adapter)
         return None
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
     labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
+    reference_entries = _reference_entries(references, reference_defaulted)
 
     with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}",
                             resume_run_id=resume_run_id) as run_id:
         tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting",
+                           **({"cdi.reference_fingerprints": ",".join(e["fingerprint"] for e in reference_entries)}
+                              if references else {}),
                            **({"cdi.search_run_id": str(search_config.search_run_id)} if search_config is not None else {})})
         configuration = {
             "model_path": str(Path(model).resolve()),
@@ -332,14 +419,32 @@ def audit(
             **({"cdi.search_run_id": search_config.search_run_id, "search.C": search_config.C,
                 "search.penalty": search_config.penalty, "search.excluded_images": len(excluded)}
                if search_config is not None else {}),
+            **({"lora_path": str(Path(lora).resolve()), "lora_sha256": info.files.get(f"lora/{Path(lora).name}")}
+               if lora else {}),
+            "reference_models": [entry["path"] for entry in reference_entries],
+            "reference_fingerprints": [entry["fingerprint"] for entry in reference_entries],
+            "calibration.representation": representation if references else "raw",
+            "calibration.reference_formula": reference_formula if references else None,
+            "calibration.difficulty": difficulty_calibration,
         }
         tracking.log_params({**configuration, **_versions()})
         extraction = run_extraction(show_progress=progress, cached=use_cache)
+        # Same records, names, config and seed: every noise draw equals the target's (common random numbers).
+        reference_extractions = [run_extraction(show_progress=progress, cached=use_cache, model_adapter=r)
+                                 for r in references]
         X = extraction.values
         tracking.set_tags({"cdi.status": "scoring"})
+        calibrated = calibrate(
+            X, [e.values for e in reference_extractions], names,
+            _difficulty_covariates(records, info.image_size, info.image_channels)
+            if difficulty_calibration != "off" else None,
+            representation=representation, formula=reference_formula, difficulty=difficulty_calibration,
+        )
+        scored_names = calibrated.names
         found = assess(
-            X, labels, _image_statistics(records, adapter, batch_size), names, alpha=alpha, folds=folds, seed=seed, test=test,
-            n_permutations=n_permutations, power_resamples=power_resamples, C=C, penalty=penalty,
+            calibrated.values, labels, _image_statistics(records, adapter, batch_size), scored_names, alpha=alpha,
+            folds=folds, seed=seed, test=test, n_permutations=n_permutations, power_resamples=power_resamples, C=C,
+            penalty=penalty,
         )
         fitted = found.test
         result = AuditResult(
@@ -362,7 +467,11 @@ def audit(
             tracking_uri=uri,
             experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
             extras={
-                **evidence_fields(found, names),
+                **evidence_fields(found, scored_names),
+                "reference_models": reference_entries,
+                "calibration": calibrated.describe(),
+                **({"lora": {"path": str(Path(lora).resolve()),
+                             "sha256": info.files.get(f"lora/{Path(lora).name}")}} if lora else {}),
                 "report_artifact": REPORT_ARTIFACT,
                 "manifest_artifact": MANIFEST_ARTIFACT,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -380,7 +489,12 @@ def audit(
                 "set": [r.role for r in records],
             }
         )
-        table = pd.concat([table, pd.DataFrame(X, columns=list(names))], axis=1)
+        columns = [pd.DataFrame(X, columns=list(names))]
+        for k, reference_extraction in enumerate(reference_extractions, start=1):
+            columns.append(pd.DataFrame(reference_extraction.values, columns=[f"ref{k}:{n}" for n in names]))
+        if scored_names != list(names):
+            columns.append(pd.DataFrame(calibrated.values, columns=scored_names))
+        table = pd.concat([table, *columns], axis=1)
         table["oof_score"] = fitted.scores_
         extras = result.extras
         tracking.log_metrics(
@@ -402,6 +516,10 @@ def audit(
                 "cache_misses": extraction.cache_misses,
                 **({"images_per_second": extraction.images_per_second} if extraction.cache_misses else {}),
                 **{f"seconds.{family}": sec for family, sec in extraction.family_seconds.items()},
+                **({"reference_cache_hits": sum(e.cache_hits for e in reference_extractions),
+                    "reference_cache_misses": sum(e.cache_misses for e in reference_extractions),
+                    "reference_extraction_seconds": sum(e.seconds for e in reference_extractions)}
+                   if references else {}),
             }
         )
         manifest = build_manifest(
@@ -409,6 +527,8 @@ def audit(
             image_entries(control_records, control), configuration, _versions(),
             excluded_images=[*image_entries([r for r in excluded if r.role == "suspect"], suspect),
                              *image_entries([r for r in excluded if r.role == "control"], control)],
+            reference_models=[{**entry, "files": dict(sorted(r.info.files.items()))}
+                              for entry, r in zip(reference_entries, references)],
         )
         tracking.set_tags({
             "cdi.verdict": result.verdict,

@@ -95,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--resume", default=None, metavar="RUN_ID",
                        help="finish an audit run that stopped (e.g. tracking server lost); features come from the cache")
     audit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    audit.add_argument("--reference-model", action="append", default=[], metavar="DIR", dest="reference_models",
+                       help="a model not trained on the suspect images (e.g. the base model of a fine-tune), queried "
+                            "with the same seeded noise to remove per-image difficulty; may be given more than once")
+    audit.add_argument("--lora", type=Path, default=None, metavar="FILE",
+                       help="LoRA weights (.safetensors) applied to --model: the audited model is base + LoRA, and "
+                            "the base is the reference model unless --reference-model is given")
+    audit.add_argument("--representation", choices=("raw", "calibrated", "both"), default="calibrated",
+                       help="with reference models: score the calibrated features (default), the raw ones, or both")
+    audit.add_argument("--reference-formula", choices=("difference", "log_ratio"), default="difference",
+                       help="calibrated feature: target minus mean reference (default) or log ratio")
+    audit.add_argument("--difficulty-calibration", choices=("off", "image"), default=None,
+                       help="regress the features on label-free image statistics and score the residuals "
+                            "(image) or not (off); default: see README")
     chosen = audit.add_mutually_exclusive_group()
     chosen.add_argument("--config", type=Path, default=None,
                         help="best_config.yaml of a search: its features, access, folds and seed replace those options")
@@ -149,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--suspect", required=True)
     verify.add_argument("--control", required=True)
     verify.add_argument("--tracking-uri", default=None)
+    verify.add_argument("--reference-model", action="append", default=[], metavar="DIR", dest="reference_models",
+                        help="the audit's reference models, in its order (default: the paths the manifest records)")
+    verify.add_argument("--lora", type=Path, default=None, metavar="FILE", help="the audit's LoRA file")
     return parser
 
 
@@ -221,7 +237,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     manifest = tracking.download_json(args.run_id, "manifest.json", uri)
-    found = verify(manifest, args.model, args.suspect, args.control)
+    found = verify(manifest, args.model, args.suspect, args.control, args.reference_models, args.lora)
     for difference in found.differences:
         print(f"mismatch: {difference}")
     if found.ok:
@@ -291,6 +307,11 @@ def run_audit(args: argparse.Namespace) -> int:
         n_permutations=args.permutations,
         power_resamples=args.power_resamples,
         search_config=search_config,
+        reference_models=args.reference_models,
+        lora=args.lora,
+        representation=args.representation,
+        reference_formula=args.reference_formula,
+        difficulty_calibration=args.difficulty_calibration,
     )
     if result is None:
         print("features of this rank are in the cache; rank 0 reports the audit")
@@ -299,6 +320,14 @@ def run_audit(args: argparse.Namespace) -> int:
     print(f"verdict: {result.verdict} (p = {result.p_value:.3g} {comparison} alpha = {result.alpha})")
     print(f"suspect: {result.n_suspect} images, control: {result.n_control} images, access: {result.access}, "
           f"test: {result.test}")
+    for reference in result.extras.get("reference_models", []):
+        role = " (the base of --lora)" if reference.get("base_of_lora") else ""
+        print(f"reference model{role}: {reference['path']} (fingerprint {reference['fingerprint'][:12]})")
+    calibration = result.extras.get("calibration") or {}
+    if calibration.get("representation", "raw") != "raw" or calibration.get("difficulty_calibration", "off") != "off":
+        print(f"calibration: representation {calibration['representation']}"
+              + (f" ({calibration['reference_formula']})" if calibration.get("reference_formula") else "")
+              + f", difficulty {calibration['difficulty_calibration']}")
     held_out = result.extras.get("excluded_calibration_images")
     if held_out:
         print(f"left out: {held_out['suspect']} suspect and {held_out['control']} control images held out as "

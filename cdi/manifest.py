@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cdi.data import ImageRecord, discover_images
+from cdi.hashing import sha256_file
 from cdi.models.loading import fingerprint
 
 MANIFEST_VERSION = 1
@@ -34,12 +35,16 @@ def build_manifest(
     configuration: dict[str, Any],
     versions: dict[str, str],
     excluded_images: list[dict[str, str]] | None = None,
+    reference_models: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """`excluded_images`: files of the two folders the audit left out (held out for a search)."""
+    """`excluded_images`: files of the two folders the audit left out (held out for a search).
+    `reference_models`: path, fingerprint and files (relative path -> sha256) of each reference model."""
     return {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": str(model_path), "fingerprint": model_fingerprint, "files": dict(sorted(model_files.items()))},
+        "reference_models": [{"path": str(r["path"]), "fingerprint": r["fingerprint"], "files": dict(sorted(r["files"].items()))}
+                             for r in (reference_models or [])],
         "images": [*suspect_images, *control_images],
         "excluded_images": list(excluded_images or []),
         "configuration": configuration,
@@ -68,12 +73,36 @@ def _compare(kind: str, expected: dict[str, str], actual: dict[str, str], out: l
             out.append(f"{kind} {name}: sha256 {actual[name][:12]}... differs from the manifest's {expected[name][:12]}...")
 
 
-def verify(manifest: dict[str, Any], model: str | Path, suspect: str | Path, control: str | Path) -> VerifyReport:
-    """Re-hash the model and the two image folders; list every difference from `manifest`."""
+def _lora_files(lora: str | Path | None) -> dict[str, str]:
+    """The `lora/<name>` entry of an audited base + LoRA model, re-hashed from `lora`."""
+    if lora is None:
+        return {}
+    path = Path(lora)
+    return {f"lora/{path.name}": sha256_file(path)} if path.is_file() else {}
+
+
+def verify(manifest: dict[str, Any], model: str | Path, suspect: str | Path, control: str | Path,
+           reference_models: Sequence[str | Path] | None = None, lora: str | Path | None = None) -> VerifyReport:
+    """Re-hash the model, its LoRA, the reference models and the two image folders; list every difference
+    from `manifest`. Reference models are looked for at `reference_models` (in the audit's order), else at
+    the paths the manifest records."""
     report = VerifyReport()
     _, files = fingerprint(Path(model))
+    files.update(_lora_files(lora))
     _compare("model file", manifest["model"]["files"], files, report.differences)
     report.checked_files += len(files)
+    recorded = manifest.get("reference_models", [])
+    given = list(reference_models or [])
+    if given and len(given) != len(recorded):
+        report.differences.append(f"reference models: {len(given)} given, the audit used {len(recorded)}")
+    for k, entry in enumerate(recorded):
+        root = Path(given[k]) if k < len(given) else Path(entry["path"])
+        if not root.is_dir():
+            report.differences.append(f"reference model {root}: missing (give it with --reference-model)")
+            continue
+        _, reference_files = fingerprint(root)
+        _compare(f"reference model {k + 1} file", entry["files"], reference_files, report.differences)
+        report.checked_files += len(reference_files)
     for role, folder in (("suspect", suspect), ("control", control)):
         listed = [*manifest["images"], *manifest.get("excluded_images", [])]
         expected = {e["path"]: e["sha256"] for e in listed if e["set"] == role}

@@ -180,6 +180,18 @@ def _warning_section(warnings: list[str]) -> str:
     return f'<section id="warnings">\n{boxes}\n</section>'
 
 
+def _calibration_text(calibration: Mapping[str, Any]) -> str:
+    parts = []
+    representation = calibration.get("representation", "raw")
+    if representation != "raw":
+        parts.append(f"{representation} features against the reference model(s) "
+                     f"({calibration.get('reference_formula')}, same seeded noise)")
+    if calibration.get("difficulty_calibration", "off") != "off":
+        parts.append("per-image difficulty regressed out on label-free image statistics ("
+                     + ", ".join(map(str, calibration.get("difficulty_covariates") or [])) + ")")
+    return "; ".join(parts) if parts else "none (raw features)"
+
+
 def _facts(result: Mapping[str, Any]) -> str:
     access = result.get("access")
     access_text = ACCESS_DESCRIPTIONS.get(access, access) if isinstance(access, str) else access
@@ -197,6 +209,13 @@ def _facts(result: Mapping[str, Any]) -> str:
         ("Features used", features_text),
         ("Model fingerprint", _code(result.get("model_fingerprint"))),
         ("Model path", _code(result.get("model_path"))),
+        *([("LoRA applied to the model", _code(f"{lora.get('path')} (sha256 {str(lora.get('sha256'))[:12]})"))]
+          if isinstance(lora := result.get("lora"), Mapping) else []),
+        *[(f"Reference model {k}" + (" (the base of the LoRA)" if ref.get("base_of_lora") else ""),
+           _code(f"{ref.get('path')} (fingerprint {str(ref.get('fingerprint'))[:12]})"))
+          for k, ref in enumerate(result.get("reference_models") or [], start=1) if isinstance(ref, Mapping)],
+        *([("Calibration", _text(_calibration_text(calibration)))]
+          if isinstance(calibration := result.get("calibration"), Mapping) else []),
         ("Seed", _text(result.get("seed"))),
         ("Cross-fitting folds", _text(result.get("folds"))),
         ("Run id", _code(result.get("run_id"))),
@@ -345,7 +364,9 @@ def _power(result: Mapping[str, Any]) -> str:
 
 
 def _feature_names(result: Mapping[str, Any], table: pd.DataFrame) -> list[str]:
-    names = result.get("features")
+    calibration = result.get("calibration")
+    names = calibration.get("scored_features") if isinstance(calibration, Mapping) else None
+    names = names if names is not None else result.get("features")
     if names is None:
         names = [c for c in table.columns if c not in TABLE_COLUMNS]
     names = [str(n) for n in names]

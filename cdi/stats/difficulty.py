@@ -1,0 +1,244 @@
+"""Per-image difficulty calibration (method doc, section 8).
+
+On weak models an image's features mostly say how hard that image is for *any* model of its kind;
+membership is a small shift on top. Two ways to remove the difficulty part before scoring:
+
+1. **Reference models** R_1..R_K (not trained on P or U), each queried with the *same* seeded noise
+   as the target M for every (image, feature, timestep, draw) (common random numbers, see
+   `cdi.features.noise`): the noise's share of a loss cancels in the difference. Per image x and
+   feature f:
+
+       difference:  f_cal(x) = f_M(x) - (1/K) sum_k f_Rk(x)                      (1)
+       log_ratio:   f_cal(x) = log f_M(x) - (1/K) sum_k log f_Rk(x)              (2)
+
+   (2) is the log of the ratio to the references' geometric mean; it needs positive features
+   (every CDI feature is a norm) and falls back to (1) for a column with a value <= 0.
+   This is the set-level form of LiRA's / RMIA's reference calibration.
+
+2. **Label-free covariates** z(x) (image statistics that no model computes, `difficulty_covariates`):
+   each feature column is regressed on [1, z] over all audited images, P and U pooled, and the
+   scorer gets the residuals:
+
+       beta = argmin_b sum_x (f(x) - [1, z(x)] b)^2 + lambda |b_z|^2,   f_res(x) = f(x) - [1, z(x)] beta   (3)
+
+   (lambda = 0: ordinary least squares; covariates standardised first.)
+
+Why the permutation test stays exact: (1)-(2) are computed per image, and (3) is fitted on the pooled
+images without their labels, so both are symmetric functions of the pooled data. Under H0 P and U
+are exchangeable, the calibrated features of an image do not depend on which set it is in, and the
+permutation distribution of the whole cross-fitted pipeline is unchanged (tests/stats/test_difficulty.py
+checks the false-positive rate of null audits).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+REPRESENTATIONS = ("raw", "calibrated", "both")
+REFERENCE_FORMULAS = ("difference", "log_ratio")
+DIFFICULTY_MODES = ("off", "image")
+DIFFICULTY_MODELS = ("ols", "ridge")
+
+#: Label-free difficulty covariates, computed on the image as the model sees it (its resolution).
+DIFFICULTY_COVARIATE_NAMES = (
+    "mean",  # mean intensity, [0, 1]
+    "spread",  # standard deviation of intensity (contrast)
+    "ink_fraction",  # share of pixels more than 0.25 away from the image's median (foreground share)
+    "zlib_bits",  # zlib-compressed size in bits per pixel of the 8-bit image (compressibility)
+    "edge_energy",  # mean squared difference of neighbouring pixels (detail, texture)
+)
+_INK_THRESHOLD = 0.25
+
+
+def calibrated_name(name: str, formula: str) -> str:
+    """Column name of a reference-calibrated feature: `DL-ref` (difference) or `DL/ref` (log ratio)."""
+    return f"{name}-ref" if formula == "difference" else f"{name}/ref"
+
+
+def residual_name(name: str) -> str:
+    """Column name of a feature with the covariates' share regressed out."""
+    return f"{name}.resid"
+
+
+def reference_calibrated(
+    target: np.ndarray, references: Sequence[np.ndarray], formula: str = "difference"
+) -> tuple[np.ndarray, list[str]]:
+    """Formula (1) or (2), column by column; returns the matrix and the formula used per column."""
+    if formula not in REFERENCE_FORMULAS:
+        raise ValueError(f"formula must be one of {REFERENCE_FORMULAS}, got {formula!r}")
+    if not references:
+        raise ValueError("reference calibration needs at least one reference feature matrix")
+    target = np.asarray(target, dtype=np.float64)
+    stacked = np.stack([np.asarray(r, dtype=np.float64) for r in references])  # (K, n, d)
+    if stacked.shape[1:] != target.shape:
+        raise ValueError(f"reference features {stacked.shape[1:]} do not match the target's {target.shape}")
+    out = target - stacked.mean(axis=0)
+    used = ["difference"] * target.shape[1]
+    if formula == "log_ratio":
+        positive = (target > 0).all(axis=0) & (stacked > 0).all(axis=(0, 1))
+        out[:, positive] = np.log(target[:, positive]) - np.log(stacked[:, :, positive]).mean(axis=0)
+        used = ["log_ratio" if ok else "difference" for ok in positive]
+    return out, used
+
+
+def represent(
+    target: np.ndarray,
+    references: Sequence[np.ndarray],
+    names: Sequence[str],
+    representation: str = "calibrated",
+    formula: str = "difference",
+) -> tuple[np.ndarray, list[str]]:
+    """The feature matrix the scorer sees and its column names.
+
+    `raw`: the target's features; `calibrated`: formula (1)/(2) only; `both`: the two side by side.
+    Without references every representation is `raw`.
+    """
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+    target = np.asarray(target, dtype=np.float64)
+    if not references or representation == "raw":
+        return target, list(names)
+    calibrated, used = reference_calibrated(target, references, formula)
+    calibrated_names = [calibrated_name(n, f) for n, f in zip(names, used)]
+    if representation == "calibrated":
+        return calibrated, calibrated_names
+    return np.hstack([target, calibrated]), [*names, *calibrated_names]
+
+
+def difficulty_covariates(image: np.ndarray) -> np.ndarray:
+    """The DIFFICULTY_COVARIATE_NAMES of one image, (C, H, W) or (H, W) in [-1, 1] (the model's input).
+
+    Colour images are reduced to their luminance (ITU-R BT.601).
+    """
+    pixels = (np.asarray(image, dtype=np.float64) + 1.0) / 2.0
+    if pixels.ndim == 3:
+        pixels = pixels[0] if pixels.shape[0] == 1 else np.tensordot([0.299, 0.587, 0.114], pixels[:3], axes=1)
+    pixels = np.clip(pixels, 0.0, 1.0)
+    as_bytes = np.round(pixels * 255).astype(np.uint8)
+    edges = np.concatenate([np.diff(pixels, axis=0).ravel(), np.diff(pixels, axis=1).ravel()])
+    return np.array([
+        pixels.mean(),
+        pixels.std(),
+        (np.abs(pixels - np.median(pixels)) > _INK_THRESHOLD).mean(),
+        8.0 * len(zlib.compress(as_bytes.tobytes(), 9)) / as_bytes.size,
+        float(np.mean(edges**2)) if edges.size else 0.0,
+    ])
+
+
+class DifficultyRegression(BaseEstimator):
+    """Formula (3): regress every feature column on the covariates, fitted without labels.
+
+    `fit(X, Z)` takes the features (n, d) and covariates (n, q) of all audited images pooled;
+    `transform(X, Z)` returns the residuals. Covariates constant over the images are dropped.
+    Attributes: `coef_` (d, q) on standardised covariates, `intercept_` (d,), `r2_` (d,) the share
+    of each feature's variance the covariates explain, `kept_` the covariate columns used.
+    """
+
+    def __init__(self, model: str = "ols", ridge_alpha: float = 1.0) -> None:
+        self.model = model
+        self.ridge_alpha = ridge_alpha
+
+    def fit(self, X, Z) -> DifficultyRegression:
+        if self.model not in DIFFICULTY_MODELS:
+            raise ValueError(f"model must be one of {DIFFICULTY_MODELS}, got {self.model!r}")
+        X, Z = np.asarray(X, dtype=np.float64), np.asarray(Z, dtype=np.float64)
+        if X.shape[0] != Z.shape[0]:
+            raise ValueError(f"{X.shape[0]} feature rows but {Z.shape[0]} covariate rows")
+        self.mean_, scale = Z.mean(axis=0), Z.std(axis=0)
+        self.kept_ = np.flatnonzero(scale > 1e-12 * np.maximum(1.0, np.abs(self.mean_)))
+        self.scale_ = scale
+        design = self._design(Z)
+        lam = 0.0 if self.model == "ols" else float(self.ridge_alpha)
+        penalty = lam * np.eye(design.shape[1])
+        penalty[0, 0] = 0.0  # the intercept is never shrunk
+        beta = np.linalg.lstsq(design.T @ design + penalty, design.T @ X, rcond=None)[0]  # (1 + q, d)
+        self.intercept_, self.coef_ = beta[0], beta[1:].T
+        residual = X - design @ beta
+        total = ((X - X.mean(axis=0)) ** 2).sum(axis=0)
+        self.r2_ = np.where(total > 0, 1.0 - (residual**2).sum(axis=0) / np.where(total > 0, total, 1.0), 0.0)
+        return self
+
+    def _design(self, Z: np.ndarray) -> np.ndarray:
+        kept = (Z[:, self.kept_] - self.mean_[self.kept_]) / self.scale_[self.kept_]
+        return np.hstack([np.ones((Z.shape[0], 1)), kept])
+
+    def transform(self, X, Z) -> np.ndarray:
+        X, Z = np.asarray(X, dtype=np.float64), np.asarray(Z, dtype=np.float64)
+        return X - self.intercept_ - self._design(Z)[:, 1:] @ self.coef_.T
+
+    def fit_transform(self, X, Z) -> np.ndarray:
+        return self.fit(X, Z).transform(X, Z)
+
+
+@dataclass
+class Calibrated:
+    """The scorer's input after calibration, and what was done to get it."""
+
+    values: np.ndarray
+    names: list[str]
+    representation: str
+    formula: str | None
+    difficulty: str
+    difficulty_model: str | None = None
+    difficulty_r2: dict[str, float] | None = None
+
+    def describe(self) -> dict:
+        return {
+            "representation": self.representation,
+            "reference_formula": self.formula,
+            "difficulty_calibration": self.difficulty,
+            "difficulty_model": self.difficulty_model,
+            "difficulty_covariates": list(DIFFICULTY_COVARIATE_NAMES) if self.difficulty != "off" else [],
+            "difficulty_r2": self.difficulty_r2,
+            "scored_features": list(self.names),
+        }
+
+
+def calibrate(
+    target: np.ndarray,
+    references: Sequence[np.ndarray],
+    names: Sequence[str],
+    covariates: np.ndarray | None = None,
+    *,
+    representation: str = "calibrated",
+    formula: str = "difference",
+    difficulty: str = "off",
+    model: str = "ols",
+) -> Calibrated:
+    """Reference calibration (if references are given), then the covariate regression (if `difficulty`
+    is not "off"): the whole label-free map from extracted features to the scorer's input."""
+    if difficulty not in DIFFICULTY_MODES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTY_MODES}, got {difficulty!r}")
+    values, scored = represent(target, references, names, representation, formula)
+    used_representation = representation if references else "raw"
+    r2 = None
+    if difficulty != "off":
+        if covariates is None:
+            raise ValueError("difficulty calibration needs the covariates of every image")
+        regression = DifficultyRegression(model=model).fit(values, covariates)
+        values = regression.transform(values, covariates)
+        r2 = {residual_name(n): float(v) for n, v in zip(scored, regression.r2_)}
+        scored = [residual_name(n) for n in scored]
+    return Calibrated(values, scored, used_representation, formula if references else None, difficulty,
+                      model if difficulty != "off" else None, r2)
+
+
+__all__ = [
+    "DIFFICULTY_COVARIATE_NAMES",
+    "DIFFICULTY_MODES",
+    "REFERENCE_FORMULAS",
+    "REPRESENTATIONS",
+    "Calibrated",
+    "DifficultyRegression",
+    "calibrate",
+    "calibrated_name",
+    "difficulty_covariates",
+    "reference_calibrated",
+    "represent",
+    "residual_name",
+]
