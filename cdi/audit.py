@@ -337,10 +337,10 @@ def audit(
     names = resolve_features(features, access)
     feature_config = feature_config or FeatureConfig()
     if search_config is not None:
-        calibration = getattr(search_config, "calibration", None) or {}
-        representation = calibration.get("representation", representation)
-        reference_formula = calibration.get("reference_formula", reference_formula)
-        difficulty_calibration = calibration.get("difficulty_calibration", difficulty_calibration)
+        chosen = getattr(search_config, "feature_calibration", None) or {}  # what the search chose, if it did
+        representation = chosen.get("representation", representation)
+        reference_formula = chosen.get("reference_formula", reference_formula)
+        difficulty_calibration = chosen.get("difficulty_calibration", difficulty_calibration)
     difficulty_calibration = difficulty_calibration or DEFAULT_DIFFICULTY
     _check_calibration_options(representation, reference_formula, difficulty_calibration)
     adapter = _load_target(model, allow_pickle, latent_sample_seed, lora)

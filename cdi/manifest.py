@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cdi.data import ImageRecord, discover_images
-from cdi.hashing import sha256_file
 from cdi.models.loading import fingerprint
 
 MANIFEST_VERSION = 1
@@ -74,11 +73,10 @@ def _compare(kind: str, expected: dict[str, str], actual: dict[str, str], out: l
 
 
 def _lora_files(lora: str | Path | None) -> dict[str, str]:
-    """The `lora/<name>` entry of an audited base + LoRA model, re-hashed from `lora`."""
-    if lora is None:
-        return {}
-    path = Path(lora)
-    return {f"lora/{path.name}": sha256_file(path)} if path.is_file() else {}
+    """The `lora/...` entries of an audited base + LoRA model, re-hashed from `lora`."""
+    from cdi.models.lora import lora_files
+
+    return lora_files(lora) if lora is not None and Path(lora).is_file() else {}
 
 
 def verify(manifest: dict[str, Any], model: str | Path, suspect: str | Path, control: str | Path,

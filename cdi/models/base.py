@@ -33,7 +33,8 @@ class ModelInfo:
     image_channels: int
     image_size: int
     num_train_timesteps: int
-    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 (a LoRA: "lora/<file name>")
+    lora: str | None = None  # resolved path of the LoRA file merged into the weights, if any
 
 
 class DiffusionAdapter(nn.Module, ABC):
@@ -41,6 +42,10 @@ class DiffusionAdapter(nn.Module, ABC):
 
     Weights are frozen at construction: gradients are only ever taken w.r.t. inputs.
     """
+
+    #: The diffusers LoRA loader (in `diffusers.loaders`) whose `lora_state_dict` converts kohya / A1111
+    #: LoRA files for this family; None: PEFT and diffusers namings only (see `cdi.models.lora`).
+    lora_converter: str | None = None
 
     def __init__(self, info: ModelInfo, alphas_cumprod: torch.Tensor) -> None:
         super().__init__()
@@ -57,6 +62,12 @@ class DiffusionAdapter(nn.Module, ABC):
             if isinstance(module, nn.Module):
                 return module
         raise AttributeError(f"{type(self).__name__} has no unet or transformer")
+
+    def lora_targets(self) -> dict[str, nn.Module]:
+        """The modules a LoRA file may adapt, keyed by the prefix of their tensors in the file (`unet`,
+        `transformer`, `text_encoder`, ...); the denoiser first: tensors without a prefix go to it."""
+        return {name: module for name in ("unet", "transformer")
+                if isinstance(module := getattr(self, name, None), nn.Module)}
 
     @contextlib.contextmanager
     def full_precision(self, device_type: str):

@@ -64,6 +64,7 @@ class StableDiffusionAdapter(LatentAdapter):
     """`StableDiffusionPipeline`: one CLIP text encoder, its last hidden state as the UNet's context."""
 
     family = "stable_diffusion"
+    lora_converter = "StableDiffusionLoraLoaderMixin"
     text_components: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
 
     def __init__(
@@ -129,6 +130,12 @@ class StableDiffusionAdapter(LatentAdapter):
     def optional_text_component(folder: str) -> bool:
         return False
 
+    def lora_targets(self) -> dict[str, torch.nn.Module]:
+        # Only the first text encoder of SDXL may be absent, so the loaded ones are the last of text_components.
+        folders = [folder for folder, _, _ in self.text_components]
+        folders = folders[len(folders) - len(self.text_encoders):]
+        return {"unet": self.unet, **dict(zip(folders, self.text_encoders))}
+
     def check_text_dimensions(self, root: Path) -> None:
         context = sum(int(encoder.config.hidden_size) for encoder in self.text_encoders)
         cross_attention_dim = self.unet.config.cross_attention_dim  # a list in a few per-block configs: not checked
@@ -188,6 +195,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """`StableDiffusionXLPipeline`: two CLIP text encoders and size/crop micro-conditioning."""
 
     family = "stable_diffusion_xl"
+    lora_converter = "StableDiffusionXLLoraLoaderMixin"
     text_components = (
         ("text_encoder", "tokenizer", "CLIPTextModel"),
         ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
