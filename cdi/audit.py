@@ -348,6 +348,10 @@ def audit(
     references, reference_defaulted = load_references(
         adapter, reference_models, model=model, lora=lora, allow_pickle=allow_pickle,
         latent_sample_seed=latent_sample_seed)
+    if search_config is not None:
+        from cdi.search import check_references
+
+        check_references(search_config, len(references))
     if reference_defaulted:
         log.warning("--lora without --reference-model: the base model %s (without the LoRA) is the reference", model)
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)

@@ -10,7 +10,7 @@ from typing import Any
 # fast (the modules pull in torch, scikit-learn and MLflow).
 _HOMES = {
     "CONFIG_ARTIFACT": "config", "SearchConfig": "config", "check_no_calibration_images": "config",
-    "exclude_calibration_images": "config",
+    "check_references": "config", "exclude_calibration_images": "config",
     "CalibrationData": "objective", "Score": "objective", "detection_score": "objective", "resamples": "objective",
     "SearchOutcome": "run", "run_search": "run", "search": "run",
     "SearchSpace": "space", "access_for": "space", "builtin_space": "space", "passes_per_image": "space",
@@ -37,6 +37,7 @@ __all__ = [
     "access_for",
     "builtin_space",
     "check_no_calibration_images",
+    "check_references",
     "create_study",
     "detection_score",
     "download_config",

@@ -5,7 +5,10 @@ Two sources:
 - split: a seeded fraction of an owner's P and U, held out for the search; the rest stays for the
   audit, and the held-out images' hashes travel with the search result so the audit can refuse them.
 All features of the search space are extracted in one pass (`cdi.features.extract`, cached on disk),
-so a trial costs only scoring.
+so a trial costs only scoring. With reference models (`--reference-model`, checked comparable with the
+model as an audit checks them) the same features of the same images are extracted on each of them with
+the same seed and feature configuration (the same noise draws), and every image's label-free
+difficulty covariates are computed, so that trials can search the calibration of `cdi.stats.difficulty`.
 """
 
 from __future__ import annotations
@@ -24,29 +27,52 @@ from cdi.search.objective import CalibrationData
 Variant = tuple[str, Any, Sequence[str]]
 
 
-def _extract(model: str | Path, records: Sequence[ImageRecord], names: Sequence[str], variants: Sequence[Variant], *,
-             seed: int, batch_size: int, device: str, cache_dir: str | Path | None,
-             progress: bool) -> tuple[np.ndarray, tuple[str, ...], str]:
-    """Features of `records` with the default configuration, then each variant's affected features only."""
-    from cdi.features import FeatureConfig, extract
-    from cdi.models import load_model
-    from cdi.search.space import variant_column
+def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], names: Sequence[str],
+              variants: Sequence[Variant], *, reference_models: Sequence[str | Path], seed: int, batch_size: int,
+              device: str, cache_dir: str | Path | None, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CalibrationData fields (X, names, X_reference, covariates) of `records`, and what describes them.
 
-    adapter = load_model(model)
-    check_decodable(records, adapter.info.image_size, adapter.info.image_channels)
+    Each model gets the default configuration's features, then each variant's affected features only.
+    """
+    from cdi.audit import load_references
+    from cdi.data import load_image
+    from cdi.features import FeatureConfig, extract
+    from cdi.search.space import variant_column
+    from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES, difficulty_covariates
+
+    references, _ = load_references(adapter, reference_models, model=model, lora=None, allow_pickle=False,
+                                    latent_sample_seed=None)
+    info = adapter.info
+    check_decodable(records, info.image_size, info.image_channels)
     options = dict(seed=seed, batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir)
-    blocks = [extract(adapter, records, names, **options).values]
-    columns = list(names)
-    for setting, value, features in variants:
-        blocks.append(extract(adapter, records, features, config=FeatureConfig(**{setting: value}), **options).values)
-        columns += [variant_column(f, setting, value) for f in features]
-    return np.hstack(blocks), tuple(columns), adapter.info.fingerprint
+
+    def matrix(model_adapter: Any) -> np.ndarray:
+        blocks = [extract(model_adapter, records, names, **options).values]
+        for setting, value, features in variants:
+            blocks.append(extract(model_adapter, records, features, config=FeatureConfig(**{setting: value}),
+                                  **options).values)
+        return np.hstack(blocks)
+
+    columns = [*names, *(variant_column(f, setting, value) for setting, value, features in variants for f in features)]
+    covariates = np.stack([difficulty_covariates(load_image(r.path, info.image_size, info.image_channels).numpy())
+                           for r in records])
+    fields = dict(X=matrix(adapter), names=tuple(columns), X_reference=[matrix(r) for r in references],
+                  covariates=covariates)
+    description: dict[str, Any] = {"model": str(Path(model).resolve()), "model_fingerprint": info.fingerprint}
+    if references:
+        description["reference_models"] = [{"path": str(Path(r.info.path).resolve()), "fingerprint": r.info.fingerprint}
+                                           for r in references]
+    description["difficulty_covariates"] = list(DIFFICULTY_COVARIATE_NAMES)
+    return fields, description
 
 
 def known_membership(model: str | Path, members: str | Path, nonmembers: Sequence[str | Path], names: Sequence[str],
-                     *, variants: Sequence[Variant] = (), seed: int = 0, batch_size: int = 50, device: str = "auto",
-                     cache_dir: str | Path | None = None, progress: bool = False) -> CalibrationData:
-    """Members (label 1) and non-members (label 0) of a reference model."""
+                     *, variants: Sequence[Variant] = (), reference_models: Sequence[str | Path] = (), seed: int = 0,
+                     batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
+                     progress: bool = False) -> CalibrationData:
+    """Members (label 1) and non-members (label 0) of a model whose training set is known."""
+    from cdi.models import load_model
+
     if not nonmembers:
         raise OptionError("--nonmembers: give at least one folder of images the model was not trained on")
     member_records = discover_images(members, "suspect", "--members")
@@ -57,13 +83,13 @@ def known_membership(model: str | Path, members: str | Path, nonmembers: Sequenc
             raise ImageSetError(f"{record.path}: also a member ({member_hashes[record.sha256].path}); "
                                 "members and non-members must be disjoint")
     records = [*member_records, *nonmember_records]
-    X, columns, fingerprint = _extract(model, records, names, variants, seed=seed, batch_size=batch_size,
-                                       device=device, cache_dir=cache_dir, progress=progress)
+    fields, models = _features(load_model(model), model, records, names, variants, reference_models=reference_models,
+                               seed=seed, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                               progress=progress)
     return CalibrationData(
-        X=X, y=np.array([1] * len(member_records) + [0] * len(nonmember_records)), names=columns,
+        y=np.array([1] * len(member_records) + [0] * len(nonmember_records)), **fields,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
-        description={"mode": "known", "model": str(Path(model).resolve()), "model_fingerprint": fingerprint,
-                     "members": str(Path(members).resolve()),
+        description={"mode": "known", **models, "members": str(Path(members).resolve()),
                      "nonmembers": [str(Path(f).resolve()) for f in nonmembers],
                      "n_members": len(member_records), "n_nonmembers": len(nonmember_records)},
     )
@@ -78,27 +104,28 @@ def held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -> list
 
 
 def split(model: str | Path, suspect: str | Path, control: str | Path, names: Sequence[str], *, fraction: float,
-          variants: Sequence[Variant] = (), seed: int = 0, batch_size: int = 50, device: str = "auto",
-          cache_dir: str | Path | None = None,
+          variants: Sequence[Variant] = (), reference_models: Sequence[str | Path] = (), seed: int = 0,
+          batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
           progress: bool = False) -> CalibrationData:
     """A seeded `fraction` of the owner's P (label 1) and U (label 0), held out for the search."""
     if not 0.0 < fraction < 1.0:
         raise OptionError(f"--calibration-fraction {fraction}: must lie strictly between 0 and 1 (e.g. 0.3)")
     from cdi.models import load_model
 
-    info = load_model(model).info
+    adapter = load_model(model)
+    info = adapter.info
     suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
     p_cal, u_cal = held_out(suspect_records, fraction, seed), held_out(control_records, fraction, seed + 1)
     if min(len(p_cal), len(u_cal)) < 6:
         raise OptionError(f"--calibration-fraction {fraction}: holds out {len(p_cal)} suspect and {len(u_cal)} "
                           "control images; at least 6 per side are needed: raise the fraction or add images")
     records = [*p_cal, *u_cal]
-    X, columns, fingerprint = _extract(model, records, names, variants, seed=seed, batch_size=batch_size,
-                                       device=device, cache_dir=cache_dir, progress=progress)
+    fields, models = _features(adapter, model, records, names, variants, reference_models=reference_models, seed=seed,
+                               batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
     return CalibrationData(
-        X=X, y=np.array([1] * len(p_cal) + [0] * len(u_cal)), names=columns,
+        y=np.array([1] * len(p_cal) + [0] * len(u_cal)), **fields,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
-        description={"mode": "split", "model": str(Path(model).resolve()), "model_fingerprint": fingerprint,
+        description={"mode": "split", **models,
                      "suspect": str(Path(suspect).resolve()), "control": str(Path(control).resolve()),
                      "fraction": fraction, "n_members": len(p_cal), "n_nonmembers": len(u_cal)},
     )

@@ -29,6 +29,10 @@ def add_search_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     search.add_argument("--control", default=None, help="split mode: the owner's U; a fraction is held out")
     search.add_argument("--calibration-fraction", type=float, default=0.3,
                         help="split mode: fraction of P and of U held out for the search (default 0.3)")
+    search.add_argument("--reference-model", action="append", default=[], metavar="DIR", dest="reference_models",
+                        help="a model not trained on the calibration images, queried with the same seeded noise, so "
+                             "that the space's calibration section can search reference-calibrated features (as "
+                             "`cdi audit --reference-model`); may be given more than once")
     search.add_argument("--space", type=Path, default=None, help="search space YAML (default: built in, see --access)")
     search.add_argument("--access", choices=("gray", "white"), default="white",
                         help="built-in space: gray (DL, SecMI, PIA, PIAN, ML) or white (+ GM, NO; default)")
@@ -70,6 +74,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     outcome = run_search(
         model=args.model, members=args.members, nonmembers=args.nonmembers, suspect=args.suspect,
         control=args.control, calibration_fraction=args.calibration_fraction, space=args.space, access=args.access,
+        reference_models=args.reference_models,
         batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress,
         n_trials=args.n_trials, n=args.n, member_fraction=args.member_fraction, n_resamples=args.resamples,
         alpha=args.alpha, seed=args.seed,
@@ -82,6 +87,13 @@ def run_search_command(args: argparse.Namespace) -> int:
     print(f"  C = {config.C:.3g}, penalty {config.penalty}, folds {config.folds}, access {config.access}; "
           f"mean -log10 p = {objective['value']:.3g}, power {objective['power']:.2f} at alpha {objective['alpha']}, "
           f"{objective['passes_per_image']} model passes per image")
+    chosen = config.feature_calibration
+    if chosen.get("representation", "raw") != "raw" or chosen.get("difficulty_calibration", "off") != "off":
+        print(f"  calibration: representation {chosen['representation']}"
+              + (f" ({chosen['reference_formula']})" if chosen["representation"] != "raw" else "")
+              + f", difficulty {chosen['difficulty_calibration']}")
+    for reference in config.calibration.get("reference_models", []):
+        print(f"reference model: {reference['path']} (fingerprint {reference['fingerprint'][:12]})")
     for point in outcome.pareto_front:
         print(f"pareto: trial {point['trial']}: {point['passes_per_image']} passes/image, "
               f"mean -log10 p {point['strength']:.3g}, power {point['power']:.2f}: {','.join(point['features'])}")

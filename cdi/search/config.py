@@ -8,6 +8,11 @@ depends on where the calibration data came from:
   those images out and says how many; the rest of P and U is untouched by the search;
 - known membership (members and non-members of a reference model): such an image is refused, since
   the owner pointed the audit at images the configuration was chosen on.
+
+`feature_calibration` says how the audit maps extracted features to the scorer's input
+(`cdi.stats.difficulty.calibrate`): `representation`, `reference_formula`, `difficulty_calibration`.
+A representation other than raw was chosen on reference models' features (`calibration.reference_models`),
+so an audit with it needs reference models too (`check_references`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class SearchConfig:
     access: str
     seed: int
     feature_settings: dict[str, Any] = field(default_factory=dict)  # FeatureConfig fields the search chose
+    feature_calibration: dict[str, str] = field(default_factory=dict)  # representation, reference_formula, ...
     objective: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # description; `sha256`: the images' hashes
     search_run_id: str | None = None
@@ -60,7 +66,8 @@ class SearchConfig:
         known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
         known.update(features=[str(f) for f in data["features"]], C=float(data["C"]), folds=int(data["folds"]),
                      seed=int(data["seed"]), penalty=str(data["penalty"]), access=str(data["access"]),
-                     feature_settings=dict(data.get("feature_settings") or {}))
+                     feature_settings=dict(data.get("feature_settings") or {}),
+                     feature_calibration=_feature_calibration(data.get("feature_calibration"), where))
         config = cls(**known)
         config.feature_config()  # an unknown or invalid setting is refused here, not mid-audit
         return config
@@ -89,6 +96,46 @@ class SearchConfig:
         if not isinstance(data, dict):
             raise OptionError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
         return cls.from_dict(data, str(path))
+
+
+def _feature_calibration(value: Any, where: str) -> dict[str, str]:
+    """`feature_calibration` of a config file, checked key by key (absent: the audit's own options apply)."""
+    from cdi.search.space import CALIBRATION_CHOICES
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise OptionError(f"--config {where}: feature_calibration must be a mapping of "
+                          f"{', '.join(CALIBRATION_CHOICES)}; use the {CONFIG_ARTIFACT} a `cdi search` run exported")
+    out = {}
+    for key, choice in value.items():
+        choice = "off" if choice is False else choice  # YAML 1.1 reads a bare off as false
+        if key not in CALIBRATION_CHOICES:
+            raise OptionError(f"--config {where}: unknown feature_calibration key {key!r}; known: "
+                              f"{', '.join(CALIBRATION_CHOICES)}")
+        if choice not in CALIBRATION_CHOICES[key]:
+            raise OptionError(f"--config {where}: feature_calibration.{key} {choice!r} is not one of "
+                              f"{', '.join(CALIBRATION_CHOICES[key])}")
+        out[str(key)] = str(choice)
+    return out
+
+
+def check_references(config: SearchConfig, n_references: int) -> None:
+    """Refuse an audit without reference models whose search chose reference-calibrated features.
+
+    `n_references`: the reference models the audit loaded (with `--lora` and no `--reference-model`,
+    the base model counts as one).
+    """
+    representation = config.feature_calibration.get("representation", "raw")
+    if representation == "raw" or n_references > 0:
+        return
+    source = f"search run {config.search_run_id}" if config.search_run_id else "the search"
+    used = [entry.get("path", "?") for entry in config.calibration.get("reference_models", []) or []]
+    raise OptionError(
+        f"--config/--from-search: {source} chose representation {representation!r}, which needs reference models"
+        + (f" (it used {', '.join(used)})" if used else "")
+        + "; pass --reference-model DIR, or search with representation raw"
+    )
 
 
 def check_no_calibration_images(records: Sequence[Any], config: SearchConfig) -> None:
@@ -130,4 +177,5 @@ def exclude_calibration_images(
     return kept_suspect, kept_control, excluded
 
 
-__all__ = ["CONFIG_ARTIFACT", "SearchConfig", "check_no_calibration_images", "exclude_calibration_images"]
+__all__ = ["CONFIG_ARTIFACT", "SearchConfig", "check_no_calibration_images", "check_references",
+           "exclude_calibration_images"]

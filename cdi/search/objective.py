@@ -6,6 +6,10 @@ feature subset on `n_resamples` seeded resamples of `n` images per side (the sam
 every trial, so trials are compared on common random numbers): cross-fitted scores, one-sided Welch
 test (method doc, section 5). The objective is the mean of -log10 p (higher = stronger detection);
 power at alpha (fraction of resamples with p < alpha) is reported beside it.
+
+A trial may also calibrate the features (`cdi.stats.difficulty.calibrate`: reference models, label-free
+difficulty covariates). Each resample is calibrated on its own rows only, as an audit calibrates the
+images it audits: the covariate regression is fitted on the resample's 2n pooled images, without labels.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from cdi.errors import OptionError
 from cdi.stats import CrossFittedScorer, welch_one_sided
+from cdi.stats.difficulty import calibrate
 
 #: p-values are clipped here before the log so that a perfect separation stays finite.
 P_FLOOR = 1e-300
@@ -24,7 +29,12 @@ P_FLOOR = 1e-300
 
 @dataclass
 class CalibrationData:
-    """Features of the calibration images: X (n, d) over `names`, y (1 member/P, 0 non-member/U)."""
+    """Features of the calibration images: X (n, d) over `names`, y (1 member/P, 0 non-member/U).
+
+    `X_reference`: the same features of the same images on each reference model (same seed and feature
+    configuration, so the same noise draws), one (n, d) matrix per model over `names`; `covariates`:
+    the label-free difficulty covariates (n, q) of each image (`cdi.stats.difficulty`), or None.
+    """
 
     X: np.ndarray
     y: np.ndarray
@@ -32,13 +42,23 @@ class CalibrationData:
     sha256: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     description: dict[str, Any] = field(default_factory=dict)
+    X_reference: list[np.ndarray] = field(default_factory=list)
+    covariates: np.ndarray | None = None
 
-    def columns(self, features: Sequence[str]) -> np.ndarray:
+    def _index(self, features: Sequence[str]) -> list[int]:
         index = {name: j for j, name in enumerate(self.names)}
         missing = [f for f in features if f not in index]
         if missing:
             raise OptionError(f"calibration features lack {', '.join(missing)}; extract them first")
-        return self.X[:, [index[f] for f in features]]
+        return [index[f] for f in features]
+
+    def columns(self, features: Sequence[str]) -> np.ndarray:
+        return self.X[:, self._index(features)]
+
+    def reference_columns(self, features: Sequence[str]) -> list[np.ndarray]:
+        """The reference models' values of `features`, one matrix per model."""
+        index = self._index(features)
+        return [R[:, index] for R in self.X_reference]
 
 
 @dataclass(frozen=True)
@@ -73,16 +93,26 @@ def resamples(y: np.ndarray, n: int, n_resamples: int, seed: int, member_fractio
 
 
 def detection_score(X: np.ndarray, draws: Sequence[np.ndarray], *, C: float, penalty: str,
-                    folds: int, alpha: float = 0.01, seed: int = 0) -> Score:
+                    folds: int, alpha: float = 0.01, seed: int = 0, references: Sequence[np.ndarray] = (),
+                    covariates: np.ndarray | None = None, representation: str = "raw",
+                    reference_formula: str = "difference", difficulty_calibration: str = "off") -> Score:
     """Welch p of the cross-fitted pipeline on every resample, summarised.
 
     Each draw is n suspect-side rows followed by n control-side rows (`resamples`); the test compares
-    the two sides, whatever the membership of the individual images.
+    the two sides, whatever the membership of the individual images. With a calibration other than
+    raw/off, each draw's rows of X, of the `references` and of the `covariates` are calibrated together
+    (`cdi.stats.difficulty.calibrate`) before scoring, and only those rows.
     """
+    calibrated = (representation != "raw" and len(references) > 0) or difficulty_calibration != "off"
+    placeholder_names = [str(j) for j in range(X.shape[1])]
     p_values = []
     for r, rows in enumerate(draws):
         half = len(rows) // 2
         Xr, side = X[rows], np.repeat([1, 0], half)
+        if calibrated:
+            Xr = calibrate(Xr, [R[rows] for R in references], placeholder_names,
+                           None if covariates is None else covariates[rows], representation=representation,
+                           formula=reference_formula, difficulty=difficulty_calibration).values
         scores = CrossFittedScorer(n_splits=folds, C=C, penalty=penalty, random_state=seed + r).fit(Xr, side).oof_scores_
         p_values.append(welch_one_sided(scores[side == 1], scores[side == 0]).p_value)
     p = np.asarray(p_values)

@@ -16,7 +16,7 @@ from cdi.search.space import SearchSpace, builtin_space
 from cdi.search.study import (
     Objective, SearchSettings, _redact, best_config, create_study, new_session, optimize, trials_of,
 )
-from cdi.search.tracking import DEFAULT_EXPERIMENT, log_study, log_trials
+from cdi.search.tracking import DEFAULT_EXPERIMENT, calibration_params, log_study, log_trials
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,12 @@ def load_space(space: str | Path | None, access: str) -> SearchSpace:
 
 def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Path | None = None,
                      nonmembers: Sequence[str | Path] = (), suspect: str | Path | None = None,
-                     control: str | Path | None = None, calibration_fraction: float = 0.3, seed: int = 0,
-                     batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
+                     control: str | Path | None = None, calibration_fraction: float = 0.3,
+                     reference_models: Sequence[str | Path] = (), seed: int = 0, batch_size: int = 50,
+                     device: str = "auto", cache_dir: str | Path | None = None,
                      progress: bool = False) -> CalibrationData:
-    """Known members/non-members, or (with suspect and control) a held-out split of an owner's P and U."""
+    """Known members/non-members, or (with suspect and control) a held-out split of an owner's P and U;
+    with `reference_models`, also their features of the same images (same seed and feature settings)."""
     from cdi.errors import OptionError
 
     names = space.all_features
@@ -58,13 +60,13 @@ def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Pa
         if suspect is None or control is None or members is not None:
             raise OptionError("calibration split: give both --suspect and --control, and no --members")
         return calibration.split(model, suspect, control, names, fraction=calibration_fraction,
-                                 variants=space.variants(), seed=seed, batch_size=batch_size, device=device,
-                                 cache_dir=cache_dir, progress=progress)
+                                 variants=space.variants(), reference_models=reference_models, seed=seed,
+                                 batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
     if members is None:
         raise OptionError("give --members and --nonmembers (known membership) or --suspect and --control (split)")
-    return calibration.known_membership(model, members, nonmembers, names, variants=space.variants(), seed=seed,
-                                        batch_size=batch_size, device=device, cache_dir=cache_dir,
-                                        progress=progress)
+    return calibration.known_membership(model, members, nonmembers, names, variants=space.variants(),
+                                        reference_models=reference_models, seed=seed, batch_size=batch_size,
+                                        device=device, cache_dir=cache_dir, progress=progress)
 
 
 def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: int = 50, n_resamples: int = 10,
@@ -76,6 +78,9 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if data.X_reference and not space.uses_references():
+        log.warning("search space %r offers no representation other than raw (its calibration section): the "
+                    "reference models' features are not used; see search/spaces/calibrated.yaml", space.name)
     session = new_session()
     objective = Objective(data, space, n=n, n_resamples=n_resamples, alpha=alpha, seed=seed,
                           multi_objective=multi_objective, session=session, member_fraction=member_fraction)
@@ -93,8 +98,10 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
             "n_workers": n_workers, "n_per_side": n, "member_fraction": member_fraction, "resamples": n_resamples,
             "alpha": alpha, "seed": seed,
             "multi_objective": multi_objective, "space": space.name, "space_features": ",".join(space.all_features),
+            **({"space_calibration": "; ".join(f"{k}={','.join(v)}" for k, v in space.calibration.items())}
+               if space.calibration else {}),
             "session": session,
-            **{f"calibration.{k}": v for k, v in data.description.items()},
+            **calibration_params(data.description),
             "calibration.n_images": len(data.sha256),
         })
         started = time.perf_counter()
@@ -126,8 +133,9 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
 def run_search(*, model: str | Path = DEMO["model"], members: str | Path | None = None,
                nonmembers: Sequence[str | Path] = (), suspect: str | Path | None = None,
                control: str | Path | None = None, calibration_fraction: float = 0.3, space: str | Path | None = None,
-               access: str = "white", batch_size: int = 50, device: str = "auto",
-               cache_dir: str | Path | None = None, progress: bool = False, **options: Any) -> SearchOutcome:
+               access: str = "white", reference_models: Sequence[str | Path] = (), batch_size: int = 50,
+               device: str = "auto", cache_dir: str | Path | None = None, progress: bool = False,
+               **options: Any) -> SearchOutcome:
     """Calibration features (extracted once, cached), then `search`. Defaults: the demo's members."""
     demo = members is None and suspect is None and control is None
     if demo:
@@ -138,7 +146,8 @@ def run_search(*, model: str | Path = DEMO["model"], members: str | Path | None 
     seed = int(options.get("seed", 0))
     started = time.perf_counter()
     data = calibration_data(search_space, model=model, members=members, nonmembers=nonmembers, suspect=suspect,
-                            control=control, calibration_fraction=calibration_fraction, seed=seed,
+                            control=control, calibration_fraction=calibration_fraction,
+                            reference_models=reference_models, seed=seed,
                             batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
     return search(data, search_space, seconds_features=time.perf_counter() - started, **options)
 

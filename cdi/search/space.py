@@ -7,6 +7,18 @@ optimisation budget (`no_evals`) and the gradient-masking ratio (`gm_mask_ratio`
 feature setting other than the default is extracted once, for the affected family only, as extra
 calibration columns named `<feature>@<setting>=<value>`. Features keep the paper's index order
 (method doc, section 3).
+
+An optional `calibration` section searches how the features are calibrated before scoring
+(`cdi.stats.difficulty`, method doc, section 8), each key a list of values sampled as a categorical:
+
+    calibration:
+      representation: [raw, calibrated, both]   # needs reference models (`cdi search --reference-model`)
+      reference_formula: [difference, log_ratio]
+      difficulty_calibration: ["off", image]    # a bare off reads as false in YAML; both forms work
+
+Without reference models `representation` is fixed to raw (and `reference_formula` is not sampled);
+`reference_formula` is only sampled for a trial whose representation is not raw. An absent key (or
+section) fixes raw / difference / off, so a space without the section scores as before.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from cdi.errors import OptionError
 from cdi.features.base import FEATURE_NAMES, GRAY_BOX_FEATURES, FeatureConfig
+from cdi.stats.difficulty import DIFFICULTY_MODES, REFERENCE_FORMULAS, REPRESENTATIONS
 
 #: Families switched as a whole, and the features each one produces.
 FAMILY_FEATURES: dict[str, tuple[str, ...]] = {
@@ -35,6 +48,14 @@ SETTING_FEATURES: dict[str, tuple[str, ...]] = {
     "no_evals": FAMILY_FEATURES["NO"],
     "gm_mask_ratio": tuple(n for n in FEATURE_NAMES if n.startswith("GM_")),
 }
+#: Keys of a space's `calibration` section, the values each may take, and the value of an absent key.
+CALIBRATION_CHOICES: dict[str, tuple[str, ...]] = {
+    "representation": REPRESENTATIONS,
+    "reference_formula": REFERENCE_FORMULAS,
+    "difficulty_calibration": DIFFICULTY_MODES,
+}
+CALIBRATION_DEFAULTS: dict[str, str] = {"representation": "raw", "reference_formula": "difference",
+                                        "difficulty_calibration": "off"}
 
 
 def variant_column(feature: str, setting: str, value: Any) -> str:
@@ -85,6 +106,7 @@ class SearchSpace:
     penalties: tuple[str, ...] = PENALTIES
     folds: tuple[int, ...] = (3, 5)
     settings: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # e.g. {"no_evals": (4, 8, 16)}
+    calibration: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. {"representation": ("raw", "both")}
 
     def __post_init__(self) -> None:
         if any(isinstance(f, bool) for f in self.families):
@@ -113,6 +135,13 @@ class SearchSpace:
                 rule = "integers >= 1" if setting == "no_evals" else "numbers strictly between 0 and 1"
                 raise OptionError(f"search space {self.name!r}: feature_settings.{setting} must be a non-empty list "
                                   f"of {rule}, got {list(values)}")
+        for key, values in self.calibration.items():
+            if key not in CALIBRATION_CHOICES:
+                raise OptionError(f"search space {self.name!r}: calibration.{key} cannot be searched; "
+                                  f"known: {', '.join(CALIBRATION_CHOICES)}")
+            if not values or any(v not in CALIBRATION_CHOICES[key] for v in values):
+                raise OptionError(f"search space {self.name!r}: calibration.{key} must be a non-empty list of "
+                                  f"{', '.join(CALIBRATION_CHOICES[key])}, got {list(values)}")
 
     @property
     def switches(self) -> tuple[str, ...]:
@@ -178,14 +207,35 @@ class SearchSpace:
     def feature_config(self, params: Mapping[str, Any]) -> FeatureConfig:
         return FeatureConfig(**self.feature_settings(params))
 
-    def suggest(self, trial: Any) -> dict[str, Any]:
-        """Draw one configuration on an Optuna trial."""
+    def uses_references(self) -> bool:
+        """Whether a trial can score reference-calibrated features (a representation other than raw)."""
+        return any(v != "raw" for v in self.calibration.get("representation", ()))
+
+    def uses_covariates(self) -> bool:
+        """Whether a trial can regress the features on the difficulty covariates."""
+        return any(v != "off" for v in self.calibration.get("difficulty_calibration", ()))
+
+    def feature_calibration(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """A trial's calibration (`cdi.stats.difficulty.calibrate`): every key, defaults for those not sampled."""
+        return {key: str(params.get(key, default)) for key, default in CALIBRATION_DEFAULTS.items()}
+
+    def suggest(self, trial: Any, references: bool = False) -> dict[str, Any]:
+        """Draw one configuration on an Optuna trial; `references`: the calibration data have reference features."""
         params: dict[str, Any] = {switch: trial.suggest_categorical(switch, [True, False]) for switch in self.switches}
         params["C"] = trial.suggest_float("C", self.C_low, self.C_high, log=True)
         params["penalty"] = trial.suggest_categorical("penalty", list(self.penalties))
         params["folds"] = trial.suggest_categorical("folds", [int(k) for k in self.folds])
         for setting, values in self.settings.items():
             params[setting] = trial.suggest_categorical(setting, list(values))
+        choices = self.calibration
+        if references and "representation" in choices:
+            params["representation"] = trial.suggest_categorical("representation", list(choices["representation"]))
+        if params.get("representation", "raw") != "raw" and "reference_formula" in choices:
+            params["reference_formula"] = trial.suggest_categorical("reference_formula",
+                                                                    list(choices["reference_formula"]))
+        if "difficulty_calibration" in choices:
+            params["difficulty_calibration"] = trial.suggest_categorical("difficulty_calibration",
+                                                                         list(choices["difficulty_calibration"]))
         return params
 
     @classmethod
@@ -193,6 +243,10 @@ class SearchSpace:
         scorer = data.get("scorer", {}) or {}
         C = scorer.get("C", {}) or {}
         groups = data.get("timestep_groups", DEFAULT_GROUPS)
+        calibration = data.get("calibration", {}) or {}
+        if not isinstance(calibration, Mapping):
+            raise OptionError(f"search space {data.get('name', name)!r}: calibration must be a mapping such as "
+                              "{representation: [raw, calibrated]}")
         return cls(
             name=str(data.get("name", name)),
             families=tuple(data.get("families", FAMILY_FEATURES)),
@@ -204,6 +258,8 @@ class SearchSpace:
             folds=tuple(int(k) for k in scorer.get("folds", (3, 5))),
             settings={str(k): tuple(v if isinstance(v, (list, tuple)) else [v])
                       for k, v in (data.get("feature_settings", {}) or {}).items()},
+            calibration={str(k): tuple(_calibration_value(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs]))
+                         for k, vs in calibration.items()},
         )
 
     @classmethod
@@ -220,6 +276,11 @@ class SearchSpace:
         return cls.from_dict(data, name=path.stem)
 
 
+def _calibration_value(value: Any) -> Any:
+    """YAML 1.1 reads a bare `off` as false: take it for the value "off" it was written as."""
+    return "off" if value is False else value
+
+
 def access_for(features: Sequence[str]) -> str:
     """The lowest access level that computes `features`."""
     return "gray" if all(f in GRAY_BOX_FEATURES for f in features) else "white"
@@ -234,5 +295,5 @@ def builtin_space(access: str) -> SearchSpace:
     raise OptionError(f"--access {access!r}: choose gray or white")
 
 
-__all__ = ["DEFAULT_GROUPS", "FAMILY_FEATURES", "SETTING_FEATURES", "SearchSpace", "access_for", "builtin_space",
-           "passes_per_image", "variant_column"]
+__all__ = ["CALIBRATION_CHOICES", "CALIBRATION_DEFAULTS", "DEFAULT_GROUPS", "FAMILY_FEATURES", "SETTING_FEATURES",
+           "SearchSpace", "access_for", "builtin_space", "passes_per_image", "variant_column"]

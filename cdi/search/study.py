@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cdi.errors import OptionError
 from cdi.search.config import SearchConfig
 from cdi.search.objective import CalibrationData, detection_score, resamples
@@ -24,8 +26,11 @@ SESSION_ATTR = "cdi.session"
 
 
 class Objective:
-    """Optuna objective: a trial's feature subset and scorer settings -> strength [, passes per image].
+    """Optuna objective: a trial's feature subset, calibration and scorer settings -> strength [, passes per image].
 
+    Every trial is scored on the same resamples (`self.draws`, drawn once; common random numbers),
+    whatever its features or calibration. Passes per image count every model an audit with the trial's
+    configuration queries: the target, and each reference model when the representation is not raw.
     Picklable (worker processes receive it whole). Empty feature sets are pruned.
     """
 
@@ -39,6 +44,12 @@ class Objective:
         missing = [f for f in space.all_columns if f not in data.names]
         if missing:
             raise OptionError(f"calibration features lack {', '.join(missing)} of search space {space.name!r}")
+        if any(np.shape(R) != np.shape(data.X) for R in data.X_reference):
+            raise ValueError(f"reference features {[np.shape(R) for R in data.X_reference]} do not match the "
+                             f"target's {np.shape(data.X)}")
+        if space.uses_covariates() and (data.covariates is None or len(data.covariates) != len(data.y)):
+            raise OptionError(f"search space {space.name!r}: calibration.difficulty_calibration offers image, but "
+                              "the calibration data have no difficulty covariates of their images")
         self.data, self.space = data, space
         self.n, self.n_resamples, self.alpha, self.seed = n, n_resamples, alpha, seed
         self.multi_objective, self.session = multi_objective, session
@@ -47,7 +58,8 @@ class Objective:
     def __call__(self, trial: Any) -> float | tuple[float, float]:
         import optuna
 
-        params = self.space.suggest(trial)
+        references = len(self.data.X_reference)
+        params = self.space.suggest(trial, references=references > 0)
         features = self.space.features(params)
         trial.set_user_attr(SESSION_ATTR, self.session)
         trial.set_user_attr("features", list(features))
@@ -55,9 +67,15 @@ class Objective:
             raise optuna.TrialPruned("no feature switched on")
         settings = self.space.feature_settings(params)
         trial.set_user_attr("feature_settings", settings)
-        passes = passes_per_image(features, self.space.feature_config(params))
-        score = detection_score(self.data.columns(self.space.columns(params)), self.draws, C=params["C"],
-                                penalty=params["penalty"], folds=params["folds"], alpha=self.alpha, seed=self.seed)
+        calibration = self.space.feature_calibration(params)
+        trial.set_user_attr("feature_calibration", calibration)
+        models = 1 + (references if calibration["representation"] != "raw" else 0)
+        passes = models * passes_per_image(features, self.space.feature_config(params))
+        columns = self.space.columns(params)
+        score = detection_score(self.data.columns(columns), self.draws, C=params["C"], penalty=params["penalty"],
+                                folds=params["folds"], alpha=self.alpha, seed=self.seed,
+                                references=self.data.reference_columns(columns), covariates=self.data.covariates,
+                                **calibration)
         trial.set_user_attr("power", score.power)
         trial.set_user_attr("median_p", score.median_p)
         trial.set_user_attr("passes_per_image", passes)
@@ -180,6 +198,9 @@ def best_config(study: Any, space: SearchSpace, data: CalibrationData, settings:
         access=access_for(features),
         seed=settings.seed,
         feature_settings=dict(trial.user_attrs.get("feature_settings", {})),
+        # only what the search chose: a setting it did not vary is left to the audit's own options
+        feature_calibration={key: value for key, value in (trial.user_attrs.get("feature_calibration") or {}).items()
+                             if key in trial.params},
         objective={
             "name": "mean -log10 Welch p",
             "value": float(trial.values[0]),

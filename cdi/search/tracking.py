@@ -1,6 +1,8 @@
 """How a search is laid out in MLflow (experiment `cdi-search`); the only search module that talks to it.
 
-- parent run: the study's settings (params), the best value(s) (metrics), tags `cdi.kind = search`,
+- parent run: the study's settings and the calibration data's description (params `calibration.*`, the
+  reference models as `calibration.reference_models` and `calibration.reference_fingerprints`), the
+  best value(s) (metrics), tags `cdi.kind = search`,
   `cdi.study_name`; artifacts `best_config.yaml`, `trials.csv`, `calibration_images.csv`,
   `optimization_history.png`, `param_importances.png`, and with two objectives `pareto_front.csv` and
   `pareto_front.png`;
@@ -26,6 +28,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "cdi-search"
 _RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "SCHEDULED"}
+
+
+def calibration_params(description: Mapping[str, Any]) -> dict[str, Any]:
+    """The calibration data's description as run params: `calibration.<key>`, reference models flattened."""
+    params = {f"calibration.{k}": v for k, v in description.items() if k != "reference_models"}
+    references = description.get("reference_models") or []
+    if references:
+        params["calibration.reference_models"] = [entry["path"] for entry in references]
+        params["calibration.reference_fingerprints"] = [entry["fingerprint"] for entry in references]
+    return params
 
 
 def log_trials(parent_run_id: str, trials: Sequence[Any], objective_names: Sequence[str]) -> int:
@@ -132,10 +144,15 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
     return path
 
 
+_CALIBRATION_COLUMNS = ("representation", "reference_formula", "difficulty_calibration")
+
+
 def _trial_rows(trials: Sequence[Any], n_objectives: int) -> list[list[Any]]:
     return [[t.number, t.state.name, *(t.values or [None] * n_objectives), t.user_attrs.get("power"),
              t.user_attrs.get("passes_per_image"), t.params.get("C"), t.params.get("penalty"), t.params.get("folds"),
-             " ".join(t.user_attrs.get("features", []))] for t in trials]
+             " ".join(t.user_attrs.get("features", [])),
+             *((t.user_attrs.get("feature_calibration") or {}).get(k) for k in _CALIBRATION_COLUMNS)]
+            for t in trials]
 
 
 def log_study(study: Any, config: SearchConfig, calibration_files: Sequence[str], calibration_hashes: Sequence[str],
@@ -143,7 +160,8 @@ def log_study(study: Any, config: SearchConfig, calibration_files: Sequence[str]
     """Artifacts and metrics of the parent run (the active run)."""
     import mlflow
 
-    header = ["trial", "state", *objective_names, "power", "passes_per_image", "C", "penalty", "folds", "features"]
+    header = ["trial", "state", *objective_names, "power", "passes_per_image", "C", "penalty", "folds", "features",
+              *_CALIBRATION_COLUMNS]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config.write(folder / CONFIG_ARTIFACT)
@@ -186,4 +204,4 @@ def download_config(run_id: str, tracking_uri: str) -> SearchConfig:
     return config
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "download_config", "log_study", "log_trials"]
+__all__ = ["DEFAULT_EXPERIMENT", "calibration_params", "download_config", "log_study", "log_trials"]

@@ -71,3 +71,29 @@ def test_invalid_feature_settings_are_refused_naming_the_setting(settings):
     with pytest.raises(OptionError) as caught:
         SearchSpace.from_dict({"feature_settings": settings}, name="bad")
     assert next(iter(settings)) in str(caught.value)
+
+
+def test_the_calibrated_space_searches_the_calibration_of_gray_box_features():
+    space = SearchSpace.from_yaml(SPACES / "calibrated.yaml")
+    assert space.all_features == GRAY_BOX_FEATURES and space.access == "gray"
+    assert space.calibration == {"representation": ("raw", "calibrated", "both"),
+                                 "reference_formula": ("difference", "log_ratio"),
+                                 "difficulty_calibration": ("off", "image")}
+    assert space.uses_references() and space.uses_covariates()
+    assert not SearchSpace.from_yaml(SPACES / "gray.yaml").calibration  # the other spaces score raw features
+
+
+def test_a_bare_off_in_the_calibration_section_reads_as_off(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("calibration:\n  difficulty_calibration: [off, image]\n")  # YAML 1.1 reads off as false
+    assert SearchSpace.from_yaml(path).calibration == {"difficulty_calibration": ("off", "image")}
+
+
+@pytest.mark.parametrize(("calibration", "named"), [({"representation": ["residual"]}, "representation"),
+                                                    ({"difficulty_calibration": []}, "difficulty_calibration"),
+                                                    ({"formula": ["difference"]}, "formula"),
+                                                    (["raw"], "calibration")])
+def test_invalid_calibration_sections_are_refused_naming_the_key(calibration, named):
+    with pytest.raises(OptionError) as caught:
+        SearchSpace.from_dict({"calibration": calibration}, name="bad")
+    assert named in str(caught.value) and "\n" not in str(caught.value)
