@@ -21,7 +21,8 @@ import torch
 
 from cdi.errors import ImageSetError, ModelError
 from cdi.models.base import ModelInfo
-from cdi.models.latent import LatentAdapter, load_component, sample_size, sampled_fingerprint, vae_scale_factor
+from cdi.models.latent import LatentAdapter, max_latent_size, sample_size, sampled_fingerprint, vae_scale_factor
+from cdi.models.loading import load_component
 from cdi.models.prediction import read_scheduler
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class DiTAdapter(LatentAdapter):
         from diffusers import AutoencoderKL, DiTTransformer2DModel
 
         alphas, prediction_type = read_scheduler(root)
-        transformer = load_component(root, "transformer", DiTTransformer2DModel, allow_pickle)
+        transformer = load_component(root, "transformer", DiTTransformer2DModel, allow_pickle, *max_latent_size(root))
         config = transformer.config
         if config.norm_type != "ada_norm_zero" or not config.num_embeds_ada_norm:
             raise ModelError(

@@ -1,4 +1,4 @@
-"""What every latent diffusion pipeline shares: the VAE encoder, component loading, the latent grid.
+"""What every latent diffusion pipeline shares: the VAE encoder, the latent grid and its size limit.
 
 `encode` maps an image to the clean latent z0 once per image (method doc, section 2): by default the
 mean of the VAE posterior, optionally a seeded posterior sample, times `vae.config.scaling_factor`
@@ -17,27 +17,15 @@ import torch
 from cdi.errors import ModelError
 from cdi.hashing import sha256_text
 from cdi.models.base import DiffusionAdapter, ModelInfo
-from cdi.models.loading import weight_format
+from cdi.models.loading import MAX_IMAGE_SIZE, read_config
 from cdi.models.prediction import to_epsilon
 
 
-def load_component(root: Path, subfolder: str, cls: type, allow_pickle: bool) -> Any:
-    """One frozen, float32, eval-mode component of the pipeline at `root`, from local files only."""
-    folder = root / subfolder
-    if not (folder / "config.json").is_file():
-        raise ModelError(
-            f"{folder}: missing {subfolder}/config.json; the pipeline needs a {cls.__name__} component '{subfolder}'"
-        )
-    use_safetensors = weight_format(folder, allow_pickle)
-    try:
-        model = cls.from_pretrained(root, subfolder=subfolder, use_safetensors=use_safetensors, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{folder}: cannot load it as {cls.__name__} ({reason}); re-save the pipeline") from exc
-    # Half-precision checkpoints are widened: autocast decides the compute precision, not the file.
-    if any(parameter.dtype != torch.float32 for parameter in model.parameters()):
-        model = model.to(torch.float32)
-    return model.eval().requires_grad_(False)
+def max_latent_size(root: Path) -> tuple[int, str]:
+    """The largest latent `sample_size` a denoiser over the pipeline's VAE may have (`MAX_IMAGE_SIZE` pixels)
+    and its unit, from vae/config.json, read before anything is built."""
+    factor = 2 ** (len(read_config(root / "vae").get("block_out_channels") or [64]) - 1)
+    return max(MAX_IMAGE_SIZE // factor, 1), f"latent positions of {factor} pixels"
 
 
 def sample_size(config: Any) -> int:

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 import torch
 
-from cdi.errors import ImageSetError, ModelError
+from cdi.errors import ImageSetError
 from cdi.models.base import DiffusionAdapter, ModelInfo
-from cdi.models.loading import weight_format
+from cdi.models.loading import MAX_IMAGE_SIZE, load_component
 from cdi.models.prediction import read_scheduler, to_epsilon
 
 PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
@@ -35,12 +35,8 @@ class PixelUNetAdapter(DiffusionAdapter):
     ) -> "PixelUNetAdapter":
         from diffusers import UNet2DModel
 
-        unet_dir = root / "unet"
-        if not (unet_dir / "config.json").is_file():
-            raise ModelError(f"{unet_dir}: missing unet/config.json; the pipeline needs a UNet2DModel component")
         alphas, prediction_type = read_scheduler(root)
-        use_safetensors = weight_format(unet_dir, allow_pickle)
-        unet = UNet2DModel.from_pretrained(root, subfolder="unet", use_safetensors=use_safetensors)
+        unet = load_component(root, "unet", UNet2DModel, allow_pickle, MAX_IMAGE_SIZE)
         config = unet.config
         size = config.sample_size if isinstance(config.sample_size, int) else int(config.sample_size[0])
         info = ModelInfo(

@@ -22,7 +22,8 @@ import torch
 
 from cdi.errors import ModelError
 from cdi.models.base import ModelInfo
-from cdi.models.latent import LatentAdapter, load_component, sample_size, sampled_fingerprint, vae_scale_factor
+from cdi.models.latent import LatentAdapter, max_latent_size, sample_size, sampled_fingerprint, vae_scale_factor
+from cdi.models.loading import load_component
 from cdi.models.prediction import read_scheduler
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class StableDiffusionAdapter(LatentAdapter):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         alphas, prediction_type = read_scheduler(root)
-        unet = load_component(root, "unet", UNet2DConditionModel, allow_pickle)
+        unet = load_component(root, "unet", UNet2DConditionModel, allow_pickle, *max_latent_size(root))
         vae = load_component(root, "vae", AutoencoderKL, allow_pickle)
         cls.check_latent_channels(root, "unet", unet.config.in_channels, vae)
         text_encoders, tokenizers = [], []
