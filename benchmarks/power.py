@@ -78,10 +78,10 @@ def build_testbed(folder: Path) -> None:
 
 def extract_all(testbed: Path, names, batch_size: int) -> dict:
     """Features of members and non-members on the target and the base (reference), and image covariates."""
-    from cdi.data import discover_images, load_image
+    from cdi.audit import difficulty_covariates_of
+    from cdi.data import discover_images
     from cdi.features import extract
     from cdi.models import load_model
-    from cdi.stats.difficulty import difficulty_covariates
 
     target, base = load_model(testbed / "target"), load_model(testbed / "base")
     info = target.info
@@ -92,9 +92,7 @@ def extract_all(testbed: Path, names, batch_size: int) -> dict:
         out[role] = {
             "target": extract(target, records, names, batch_size=batch_size, device="cpu", progress=False).values,
             "reference": extract(base, records, names, batch_size=batch_size, device="cpu", progress=False).values,
-            "covariates": np.stack([difficulty_covariates(load_image(r.path, info.image_size,
-                                                                     info.image_channels).numpy())
-                                    for r in records]),
+            "covariates": difficulty_covariates_of(records, info.image_size, info.image_channels),
         }
         print(f"features of {len(records)} {role}: {time.perf_counter() - started:.0f} s", flush=True)
     return out

@@ -102,8 +102,9 @@ def _image_statistics(records: Sequence[ImageRecord], adapter: Any, batch_size: 
     return np.hstack([stats, np.vstack(latents)])
 
 
-def _difficulty_covariates(records: Sequence[ImageRecord], size: int, channels: int) -> np.ndarray:
-    """Label-free difficulty covariates of each image as the model sees it (`cdi.stats.difficulty`)."""
+def difficulty_covariates_of(records: Sequence[ImageRecord], size: int, channels: int) -> np.ndarray:
+    """Label-free difficulty covariates of each image as the model sees it (`cdi.stats.difficulty`), one row
+    per record; the audit, the search and the power benchmark all compute them here."""
     from cdi.data import load_image
 
     return np.stack([difficulty_covariates(load_image(r.path, size, channels).numpy()) for r in records])
@@ -122,13 +123,7 @@ def _check_calibration_options(representation: str, reference_formula: str, diff
         raise OptionError(f"--difficulty-calibration {difficulty!r}: choose one of {', '.join(DIFFICULTY_MODES)}")
 
 
-def _load_target(model: str | Path, allow_pickle: bool, latent_sample_seed: int | None, lora: Any) -> Any:
-    if lora is None:
-        return load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed)
-    return load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed, lora=lora)
-
-
-def _reference_entries(references: Sequence[Any], defaulted: bool) -> list[dict[str, Any]]:
+def reference_entries(references: Sequence[Any], defaulted: bool = False) -> list[dict[str, Any]]:
     """What the result JSON and the run record about each reference model."""
     return [{"path": str(Path(r.info.path).resolve()), "fingerprint": r.info.fingerprint,
              "pipeline_class": r.info.pipeline_class, "base_of_lora": defaulted} for r in references]
@@ -343,7 +338,7 @@ def audit(
         difficulty_calibration = chosen.get("difficulty_calibration", difficulty_calibration)
     difficulty_calibration = difficulty_calibration or DEFAULT_DIFFICULTY
     _check_calibration_options(representation, reference_formula, difficulty_calibration)
-    adapter = _load_target(model, allow_pickle, latent_sample_seed, lora)
+    adapter = load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed, lora=lora)
     info = adapter.info
     references, reference_defaulted = load_references(
         adapter, reference_models, model=model, lora=lora, allow_pickle=allow_pickle,
@@ -384,12 +379,13 @@ def audit(
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
     labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
-    reference_entries = _reference_entries(references, reference_defaulted)
+    recorded_references = reference_entries(references, reference_defaulted)
+    lora_record = {"path": info.lora, "sha256": info.files.get(f"lora/{Path(lora).name}")} if lora else None
 
     with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}",
                             resume_run_id=resume_run_id) as run_id:
         tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting",
-                           **({"cdi.reference_fingerprints": ",".join(e["fingerprint"] for e in reference_entries)}
+                           **({"cdi.reference_fingerprints": ",".join(e["fingerprint"] for e in recorded_references)}
                               if references else {}),
                            **({"cdi.search_run_id": str(search_config.search_run_id)} if search_config is not None else {})})
         configuration = {
@@ -423,10 +419,9 @@ def audit(
             **({"cdi.search_run_id": search_config.search_run_id, "search.C": search_config.C,
                 "search.penalty": search_config.penalty, "search.excluded_images": len(excluded)}
                if search_config is not None else {}),
-            **({"lora_path": str(Path(lora).resolve()), "lora_sha256": info.files.get(f"lora/{Path(lora).name}")}
-               if lora else {}),
-            "reference_models": [entry["path"] for entry in reference_entries],
-            "reference_fingerprints": [entry["fingerprint"] for entry in reference_entries],
+            **({"lora_path": lora_record["path"], "lora_sha256": lora_record["sha256"]} if lora_record else {}),
+            "reference_models": [entry["path"] for entry in recorded_references],
+            "reference_fingerprints": [entry["fingerprint"] for entry in recorded_references],
             "calibration.representation": representation if references else "raw",
             "calibration.reference_formula": reference_formula if references else None,
             "calibration.difficulty": difficulty_calibration,
@@ -440,7 +435,7 @@ def audit(
         tracking.set_tags({"cdi.status": "scoring"})
         calibrated = calibrate(
             X, [e.values for e in reference_extractions], names,
-            _difficulty_covariates(records, info.image_size, info.image_channels)
+            difficulty_covariates_of(records, info.image_size, info.image_channels)
             if difficulty_calibration != "off" else None,
             representation=representation, formula=reference_formula, difficulty=difficulty_calibration,
         )
@@ -472,10 +467,9 @@ def audit(
             experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
             extras={
                 **evidence_fields(found, scored_names),
-                "reference_models": reference_entries,
+                "reference_models": recorded_references,
                 "calibration": calibrated.describe(),
-                **({"lora": {"path": str(Path(lora).resolve()),
-                             "sha256": info.files.get(f"lora/{Path(lora).name}")}} if lora else {}),
+                **({"lora": lora_record} if lora_record else {}),
                 "report_artifact": REPORT_ARTIFACT,
                 "manifest_artifact": MANIFEST_ARTIFACT,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -532,7 +526,7 @@ def audit(
             excluded_images=[*image_entries([r for r in excluded if r.role == "suspect"], suspect),
                              *image_entries([r for r in excluded if r.role == "control"], control)],
             reference_models=[{**entry, "files": dict(sorted(r.info.files.items()))}
-                              for entry, r in zip(reference_entries, references)],
+                              for entry, r in zip(recorded_references, references)],
         )
         tracking.set_tags({
             "cdi.verdict": result.verdict,

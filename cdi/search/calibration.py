@@ -34,11 +34,10 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
 
     Each model gets the default configuration's features, then each variant's affected features only.
     """
-    from cdi.audit import load_references
-    from cdi.data import load_image
+    from cdi.audit import difficulty_covariates_of, load_references, reference_entries
     from cdi.features import FeatureConfig, extract
     from cdi.search.space import variant_column
-    from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES, difficulty_covariates
+    from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES
 
     references, _ = load_references(adapter, reference_models, model=model, lora=None, allow_pickle=False,
                                     latent_sample_seed=None)
@@ -54,14 +53,13 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
         return np.hstack(blocks)
 
     columns = [*names, *(variant_column(f, setting, value) for setting, value, features in variants for f in features)]
-    covariates = np.stack([difficulty_covariates(load_image(r.path, info.image_size, info.image_channels).numpy())
-                           for r in records])
+    covariates = difficulty_covariates_of(records, info.image_size, info.image_channels)
     fields = dict(X=matrix(adapter), names=tuple(columns), X_reference=[matrix(r) for r in references],
                   covariates=covariates)
     description: dict[str, Any] = {"model": str(Path(model).resolve()), "model_fingerprint": info.fingerprint}
     if references:
-        description["reference_models"] = [{"path": str(Path(r.info.path).resolve()), "fingerprint": r.info.fingerprint}
-                                           for r in references]
+        description["reference_models"] = [{key: entry[key] for key in ("path", "fingerprint")}
+                                           for entry in reference_entries(references)]
     description["difficulty_covariates"] = list(DIFFICULTY_COVARIATE_NAMES)
     return fields, description
 

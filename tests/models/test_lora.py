@@ -28,14 +28,6 @@ CAPTIONS = ["a cat", "a red dog"]
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(n: int = 2, seed: int = 0, size: int = PIXELS, channels: int = 3) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(n, channels, size, size, generator=generator) * 2 - 1
