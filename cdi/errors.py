@@ -32,4 +32,18 @@ class TrackingError(CDIError):
     """The MLflow tracking store cannot be reached or written."""
 
 
-__all__ = ["CDIError", "FeatureError", "ImageSetError", "ModelError", "OptionError", "TrackingError"]
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (the CLI turns both into this). A BaseException, like KeyboardInterrupt,
+    so no `except Exception` swallows it; the audit's run is marked KILLED and the CLI exits 128 + signum."""
+
+    def __init__(self, signum: int, run_id: str | None = None) -> None:
+        super().__init__(signum, run_id)
+        self.signum = signum
+        self.run_id = run_id
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+__all__ = ["CDIError", "Interrupted", "FeatureError", "ImageSetError", "ModelError", "OptionError", "TrackingError"]
