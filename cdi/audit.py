@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -158,13 +159,102 @@ def _report(result: "AuditResult", table: Any) -> str | None:
     return render_report(result.to_dict(), table)
 
 
+#: Seeds go to scikit-learn's random_state (0 to 2**32 - 1) and into the seeded noise.
+MAX_SEED = 2**32 - 1
+#: Beyond this many permutations the p-value's resolution (1e-5) is far below any alpha in use, and the
+#: test's time (one cross-fit per permutation) runs into hours.
+MAX_PERMUTATIONS = 100_000
+MAX_POWER_RESAMPLES = 10_000
+
+
 def _check_options(alpha: float, folds: int, seed: int) -> None:
     if not 0.0 < alpha < 1.0:
         raise OptionError(f"--alpha {alpha}: must lie strictly between 0 and 1 (e.g. 0.01)")
     if folds < 2:
         raise OptionError(f"--folds {folds}: cross-fitting needs at least 2 folds (default 5)")
-    if seed < 0:
-        raise OptionError(f"--seed {seed}: must be a non-negative integer")
+    if not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"--seed {seed}: must be an integer from 0 to {MAX_SEED} (2**32 - 1)")
+
+
+def check_permutations(n_permutations: int, alpha: float, test: str, option: str = "--permutations") -> list[str]:
+    """Refuse a permutation count that cannot reject at `alpha` or that is beyond MAX_PERMUTATIONS; return
+    the warnings of a count that can reject but gives the test too coarse a p-value (under 10 / alpha)."""
+    if test != "permutation":
+        return []
+    if not 1 <= n_permutations <= MAX_PERMUTATIONS:
+        raise OptionError(f"{option} {n_permutations}: must lie between 1 and {MAX_PERMUTATIONS:,} (each permutation "
+                          f"refits the cross-fitted scorer; {MAX_PERMUTATIONS:,} resolve p-values to 1e-5)")
+    smallest = 1.0 / (n_permutations + 1)
+    needed = max(1, int(np.floor(1.0 / alpha)) - 1)
+    while 1.0 / (needed + 1) >= alpha:  # the smallest count whose smallest p-value is below alpha
+        needed += 1
+    if smallest >= alpha:
+        raise OptionError(
+            f"{option} {n_permutations} at --alpha {alpha:g}: the smallest p-value this test can give is "
+            f"1/({n_permutations}+1) = {smallest:.3g}, so it can never reject; use at least {needed} "
+            f"(better {int(np.ceil(10 / alpha))}; default 1000)")
+    if n_permutations + 1 < 10 / alpha:
+        return [f"only {n_permutations} permutations at alpha {alpha:g}: the p-value cannot go below {smallest:.3g}, "
+                f"so even strong evidence only just rejects and power is lost; use at least {int(np.ceil(10 / alpha))}"]
+    return []
+
+
+def _check_folds(folds: int, n_suspect: int, n_control: int) -> None:
+    """Each fold must hold at least two images of each set (stratified cross-fitting)."""
+    most = min(n_suspect, n_control) // 2
+    if folds > most:
+        raise OptionError(f"--folds {folds}: the smaller set has {min(n_suspect, n_control)} images, so at most {most} "
+                          "folds keep two images of each set per fold; use fewer folds (default 5) or add images")
+
+
+def _check_cache_dir(cache_dir: str | Path | None, use_cache: bool) -> None:
+    """A cache folder that cannot be created or written is the user's option, not a lost tracking store."""
+    if not use_cache:
+        return
+    from cdi.features.cache import default_cache_dir
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    option = "--cache-dir" if cache_dir else "the default cache folder ($CDI_CACHE_DIR or ~/.cache/cdi/features)"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OptionError(f"{option} {folder}: cannot be written ({exc.strerror or type(exc).__name__}); "
+                          "choose a writable folder with --cache-dir, or pass --no-cache") from None
+
+
+def verdict_warnings(result_extras: dict[str, Any], *, verdict: str, test: str, n_suspect: int, n_control: int,
+                     permutation_warnings: Sequence[str], dropped_duplicates: int = 0) -> list[str]:
+    """Every reason the verdict is weaker than it looks, beyond the assessment's own (shift, null check)."""
+    out = list(permutation_warnings)
+    if test == "welch":
+        out.append("the Welch t-test (the paper's protocol) is anti-conservative on cross-fitted scores: its p-value "
+                   "can be too small; rerun with --test permutation (the default) for a p-value to defend")
+    recommended = result_extras.get("recommended_n")
+    if verdict != "used" and recommended and recommended > min(n_suspect, n_control):
+        out.append(f"not detected with {min(n_suspect, n_control)} images in the smaller set, but the power curve "
+                   f"estimates {recommended} per side for power 0.8: absence of evidence, not evidence of absence")
+    if verdict != "used" and not result_extras.get("power_curve"):
+        out.append("no power curve was computed (--power-resamples 0): a 'not detected' verdict says nothing about "
+                   "whether this many images could have shown use")
+    null = result_extras.get("null_check") or {}
+    if null.get("skipped"):
+        out.append(f"the null check was skipped ({null.get('reason')}): calibration on these data is unchecked")
+    if dropped_duplicates:
+        out.append(f"{dropped_duplicates} duplicate image(s) were left out (--duplicates keep-one): each picture "
+                   "counts once")
+    return out
+
+
+def images_digest(records: Sequence[ImageRecord]) -> str:
+    """One sha256 over the role, image hash and conditioning of every audited image (order-free): a resumed
+    run must have audited exactly these images."""
+    from cdi.hashing import sha256_text
+
+    rows = sorted(f"{r.role}\t{r.sha256}\t{r.label!r}\t{r.caption!r}" for r in records)
+    return sha256_text("\n".join(rows))
 
 
 def _class_id(label: int | str, class_names: dict, where: str) -> int:
@@ -191,6 +281,10 @@ def apply_conditioning(records: list, adapter: Any, prompt: str | None, class_la
         if label is not None:
             where = f"{record.path}" if record.label is not None else "--class-label"
             label = _class_id(label, class_names, where)
+            n_classes = getattr(adapter, "num_classes", None) if conditioning == "class" else None
+            if n_classes and not 0 <= label < int(n_classes):
+                raise OptionError(f"{where}: class label {label} is outside the model's classes 0..{int(n_classes) - 1}; "
+                                  + ("fix its label in metadata.jsonl" if record.label is not None else "give a valid class"))
         out.append(replace(record, label=label, caption=caption))
     missing = {
         "text": sum(r.caption is None for r in out),
@@ -327,8 +421,11 @@ def audit(
     _check_options(alpha, folds, seed)
     if test not in TEST_NAMES:
         raise OptionError(f"--test {test!r}: choose permutation (exact, default) or welch (the paper's protocol)")
-    if n_permutations < 1 or power_resamples < 0:
-        raise OptionError("--permutations must be >= 1 and --power-resamples >= 0")
+    if not 0 <= power_resamples <= MAX_POWER_RESAMPLES:
+        raise OptionError(f"--power-resamples {power_resamples}: must lie between 0 and {MAX_POWER_RESAMPLES:,} "
+                          "(default 100; 0 skips the power curve)")
+    permutation_warnings = check_permutations(n_permutations, alpha, test)
+    _check_cache_dir(cache_dir, use_cache)
     names = resolve_features(features, access)
     feature_config = feature_config or FeatureConfig()
     if search_config is not None:
@@ -362,6 +459,7 @@ def audit(
         if search_config.feature_settings:  # e.g. the NO budget the search chose
             feature_config = replace(feature_config, **search_config.feature_settings)
     records = [*suspect_records, *control_records]
+    _check_folds(folds, len(suspect_records), len(control_records))
 
     def run_extraction(show_progress: bool, cached: bool, model_adapter: Any = adapter):
         return extract(
@@ -466,7 +564,10 @@ def audit(
             tracking_uri=uri,
             experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
             extras={
-                **evidence_fields(found, scored_names),
+                **(evidence := evidence_fields(found, scored_names)),
+                "warnings": [*evidence["warnings"], *verdict_warnings(
+                    evidence, verdict=str(fitted.verdict_), test=test, n_suspect=len(suspect_records),
+                    n_control=len(control_records), permutation_warnings=permutation_warnings)],
                 "reference_models": recorded_references,
                 "calibration": calibrated.describe(),
                 **({"lora": lora_record} if lora_record else {}),

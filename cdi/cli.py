@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
-from cdi.errors import CDIError, OptionError
+from cdi.errors import CDIError, Interrupted, OptionError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,7 +190,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"power at contamination {row['contamination']}: {row['power']:.2f} (n = {row['n']})")
     print(f"run: {run_id}")
     if args.output:
-        args.output.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        write_output(args.output, json.dumps(asdict(result), indent=2) + "\n", run_id)
     return 0
 
 
@@ -336,9 +337,38 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"WARNING: {warning}")
     print(f"run: {result.run_id} (tracking URI {result.tracking_uri}, experiment {result.experiment})")
     if args.output is not None:
-        args.output.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_output(args.output, json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n", result.run_id)
         print(f"result: {args.output}")
     return 0
+
+
+def write_output(path: Path, text: str, run_id: str | None = None) -> None:
+    """Write `path` atomically (a temporary file beside it, then a rename): a full disk or a lost mount leaves
+    the old file or none, never half a JSON; a failure is one line naming the run that holds the result."""
+    import tempfile
+
+    target = Path(path)
+    holder = f"; the audit itself finished: run {run_id} holds result.json" if run_id else ""
+    try:
+        if target.exists() and not target.is_file():  # /dev/full, a FIFO: write in place, no rename over it
+            with target.open("w") as handle:
+                handle.write(text)
+                handle.flush()
+            return
+        handle = tempfile.NamedTemporaryFile("w", dir=target.parent if str(target.parent) else ".",
+                                             prefix=f".{target.name}.", suffix=".tmp", delete=False)
+        try:
+            with handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(handle.name, target)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OptionError(f"--output {target}: cannot be written ({exc.strerror or type(exc).__name__}){holder}; "
+                          "free space or choose another path") from None
 
 
 def _search_config(args: argparse.Namespace):
@@ -374,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "server":  # the server becomes MLflow's process: loading torch first only costs seconds
         _quiet_libraries(args.verbose)
+    restore = _raise_on_signals() if args.command != "server" else {}
     try:
         if args.command == "audit":
             return run_audit(args)
@@ -392,10 +423,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CDIError as exc:
         sys.stderr.write(f"cdi: error: {exc}\n")
         return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("cdi: interrupted\n")
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        run_id = getattr(exc, "run_id", None)
+        name = signal.Signals(signum).name
+        if run_id:
+            sys.stderr.write(f"cdi: interrupted by {name}: run {run_id} is marked KILLED; finished feature batches "
+                             f"are cached: rerun the same command with --resume {run_id} to finish it\n")
+        else:
+            sys.stderr.write(f"cdi: interrupted by {name}; finished feature batches are cached: rerun the same "
+                             "command to go on from them\n")
+        return 128 + signum
+    finally:
+        for signum, handler in restore.items():
+            signal.signal(signum, handler)
     return 1
+
+
+def _raise_on_signals() -> dict:
+    """SIGINT and SIGTERM raise cdi.errors.Interrupted in the main thread, so the audit's run is marked
+    KILLED, the cache keeps every finished batch and the exit code is 128 + signal. Returns the old handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        old[signum] = signal.getsignal(signum)
+        signal.signal(signum, handler)
+    return old
 
 
 if __name__ == "__main__":

@@ -47,8 +47,57 @@ class FeatureConfig:
     no_evals: int = 8
     no_max_step: float = 0.1
 
+    def __post_init__(self) -> None:
+        """Refuse a setting of the wrong type or range when it is made (a config file, an API call),
+        before any model pass; `check_timesteps` compares the timesteps with the model's schedule."""
+        from cdi.errors import OptionError
+        from cdi.models.base import REFERENCE_TIMESTEPS as GRID_TIMESTEPS
+
+        for name in ("dl_t", "secmi_t", "pia_t", "no_t"):
+            _check_number(self, name, int, minimum=0)
+        for name in ("dl_draws", "secmi_k", "no_evals"):
+            _check_number(self, name, int, minimum=1)
+        _check_number(self, "pia_p", float, minimum=0.0, strict=True)
+        _check_number(self, "no_max_step", float, minimum=0.0, strict=True)
+        _check_number(self, "gm_mask_ratio", float, minimum=0.0, strict=True)
+        if self.gm_mask_ratio > 1.0:
+            raise OptionError(f"feature setting gm_mask_ratio {self.gm_mask_ratio!r}: the share of masked pixels "
+                              "must lie in (0, 1] (default 0.2)")
+        timesteps = self.multi_timesteps
+        if isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Iterable):
+            raise OptionError(f"feature setting multi_timesteps {timesteps!r}: give a list of timesteps, "
+                              "e.g. [0, 100, ..., 900]")
+        timesteps = tuple(timesteps)
+        if len(timesteps) != len(MULTI_TIMESTEPS) or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in timesteps):
+            raise OptionError(f"feature setting multi_timesteps {list(timesteps)!r}: give {len(MULTI_TIMESTEPS)} "
+                              "non-negative integer timesteps (the GM_t / ML_t features are named after 10 of them)")
+        object.__setattr__(self, "multi_timesteps", timesteps)
+        named = {"dl_t": self.dl_t, "secmi_t": self.secmi_t, "pia_t": self.pia_t, "no_t": self.no_t,
+                 **{f"multi_timesteps[{k}]": t for k, t in enumerate(timesteps)}}
+        for name, t in named.items():
+            if t >= GRID_TIMESTEPS:
+                raise OptionError(f"feature setting {name} {t}: timesteps are on the paper's {GRID_TIMESTEPS}-step grid "
+                                  f"(0 to {GRID_TIMESTEPS - 1}, mapped onto the model's own schedule); choose one below "
+                                  f"{GRID_TIMESTEPS}")
+        if self.secmi_t + self.secmi_k >= GRID_TIMESTEPS:
+            raise OptionError(f"feature setting secmi_t {self.secmi_t} + secmi_k {self.secmi_k}: must stay below "
+                              f"{GRID_TIMESTEPS} (SecMI steps from secmi_t to secmi_t + secmi_k)")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_number(config: "FeatureConfig", name: str, kind: type, minimum: float, strict: bool = False) -> None:
+    from cdi.errors import OptionError
+
+    value = getattr(config, name)
+    valid_type = (isinstance(value, int) if kind is int else isinstance(value, (int, float))) and not isinstance(value, bool)
+    if valid_type and kind is float:
+        valid_type = value == value and abs(value) != float("inf")  # not NaN or infinite
+    if not valid_type or value < minimum or (strict and value == minimum):
+        need = ("an integer" if kind is int else "a number") + (f" > {minimum:g}" if strict else f" >= {minimum:g}")
+        raise OptionError(f"feature setting {name} {value!r}: must be {need} (default {FeatureConfig.__dataclass_fields__[name].default!r})")
 
 
 @dataclass

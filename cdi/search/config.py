@@ -59,28 +59,46 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> SearchConfig:
+        """Every key is checked for type and range here, before any model pass; a key the audit would not
+        honour (e.g. `alpha`, which is the user's choice, not the search's) is refused, never ignored."""
         missing = [key for key in ("features", "C", "penalty", "folds", "access", "seed") if key not in data]
         if missing:
             raise OptionError(f"--config {where}: missing key(s) {', '.join(missing)}; "
                               f"use the {CONFIG_ARTIFACT} a `cdi search` run exported")
+        unknown = [str(key) for key in data if key not in cls.__dataclass_fields__]
+        if unknown:
+            hint = {"alpha": "the significance level is the auditor's choice: pass --alpha",
+                    "permutations": "pass --permutations", "n_permutations": "pass --permutations",
+                    "test": "pass --test"}.get(unknown[0], f"known keys: {', '.join(cls.__dataclass_fields__)}")
+            raise OptionError(f"--config {where}: key {unknown[0]!r} is not a setting an audit takes from a search "
+                              f"config ({hint}); remove it")
         known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
-        known.update(features=[str(f) for f in data["features"]], C=float(data["C"]), folds=int(data["folds"]),
-                     seed=int(data["seed"]), penalty=str(data["penalty"]), access=str(data["access"]),
-                     feature_settings=dict(data.get("feature_settings") or {}),
+        known.update(features=_features(data["features"], where), C=_number(data["C"], "C", where),
+                     folds=_integer(data["folds"], "folds", where, minimum=2),
+                     seed=_integer(data["seed"], "seed", where, minimum=0, maximum=MAX_SEED),
+                     penalty=_choice(data["penalty"], "penalty", ("l2", "l1"), where),
+                     access=_choice(data["access"], "access", ("gray", "white"), where),
+                     feature_settings=_mapping(data.get("feature_settings"), "feature_settings", where),
                      feature_calibration=_feature_calibration(data.get("feature_calibration"), where))
+        for key in ("objective", "calibration"):
+            known[key] = _mapping(data.get(key), key, where)
         config = cls(**known)
-        config.feature_config()  # an unknown or invalid setting is refused here, not mid-audit
+        config.feature_config(where)  # an unknown or invalid setting is refused here, not mid-audit
         return config
 
-    def feature_config(self) -> Any:
+    def feature_config(self, where: str = "") -> Any:
         """The feature configuration of the audit: the paper's defaults with the searched settings."""
         from cdi.features.base import FeatureConfig
 
+        option = f"--config {where}".strip()
         unknown = sorted(set(self.feature_settings) - set(FeatureConfig.__dataclass_fields__))
         if unknown:
-            raise OptionError(f"--config: unknown feature setting(s) {', '.join(unknown)}; "
+            raise OptionError(f"{option}: unknown feature setting(s) {', '.join(unknown)}; "
                               f"use the {CONFIG_ARTIFACT} a `cdi search` run exported")
-        return FeatureConfig(**self.feature_settings)
+        try:
+            return FeatureConfig(**self.feature_settings)
+        except OptionError as exc:
+            raise OptionError(f"{option}: feature_settings: {exc}") from None
 
     @classmethod
     def read(cls, path: str | Path) -> SearchConfig:
@@ -96,6 +114,54 @@ class SearchConfig:
         if not isinstance(data, dict):
             raise OptionError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
         return cls.from_dict(data, str(path))
+
+
+#: Seeds go to scikit-learn's random_state, which takes 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
+def _features(value: Any, where: str) -> list[str]:
+    """A list of feature names; a string is read as a comma-separated list (as --features), never as letters."""
+    if isinstance(value, str):
+        value = [name.strip() for name in value.split(",") if name.strip()]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise OptionError(f"--config {where}: features must be a list of feature names, e.g. [DL, SecMI]; "
+                          f"got {value!r}")
+    from cdi.features.base import FEATURE_NAMES
+
+    unknown = [v for v in value if v not in FEATURE_NAMES]
+    if unknown:
+        raise OptionError(f"--config {where}: unknown feature(s) {', '.join(unknown)}; known: {', '.join(FEATURE_NAMES)}")
+    return [str(v) for v in value]
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise OptionError(f"--config {where}: {key} {value!r} must be a positive number (e.g. 1.0)")
+    return float(value)
+
+
+def _integer(value: Any, key: str, where: str, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise OptionError(f"--config {where}: {key} {value!r} must be an integer {bound}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise OptionError(f"--config {where}: {key} {value!r} must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _mapping(value: Any, key: str, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise OptionError(f"--config {where}: {key} must be a mapping, got {type(value).__name__}")
+    return dict(value)
 
 
 def _feature_calibration(value: Any, where: str) -> dict[str, str]:
