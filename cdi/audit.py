@@ -13,7 +13,7 @@ import numpy as np
 
 import cdi
 from cdi import tracking
-from cdi.data import MIN_SET_SIZE, ImageRecord, build_image_sets, decode_image
+from cdi.data import MIN_SET_SIZE, ImageRecord, build_image_sets, decode_image, printable_path
 from cdi.errors import OptionError
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.features.extraction import worker_rank
@@ -402,6 +402,7 @@ def audit(
     representation: str = "calibrated",
     reference_formula: str = "difference",
     difficulty_calibration: str | None = None,
+    duplicates: str = "refuse",
 ) -> AuditResult | None:
     """Audit `model` for use of the `suspect` images against the `control` images.
 
@@ -415,6 +416,8 @@ def audit(
     `reference_formula`), see `cdi.stats.difficulty`. `lora`: a LoRA file applied to `model` (the audited
     model is base + LoRA; the base is the reference when none is given). `difficulty_calibration`
     ("image" or "off"; default DEFAULT_DIFFICULTY): regress the features on label-free image covariates.
+    `duplicates`: "refuse" (default) any picture found more than once (exact or near copies, `cdi.data.duplicates`),
+    or "keep-one": keep the first copy of each picture within a set (a picture in both sets is always refused).
     """
     import pandas as pd
 
@@ -446,7 +449,9 @@ def audit(
         check_references(search_config, len(references))
     if reference_defaulted:
         log.warning("--lora without --reference-model: the base model %s (without the LoRA) is the reference", model)
-    suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels)
+    dropped: list[ImageRecord] = []
+    suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels,
+                                                        duplicates=duplicates, dropped=dropped)
     suspect_records = apply_conditioning(suspect_records, adapter, prompt, class_label)
     control_records = apply_conditioning(control_records, adapter, prompt, class_label)
     excluded: list = []
@@ -475,55 +480,59 @@ def audit(
             run_extraction(show_progress=False, cached=True, model_adapter=model_adapter)
         return None
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.connect(uri, experiment)  # fail before any model pass if the store is unreachable
     labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
     recorded_references = reference_entries(references, reference_defaulted)
     lora_record = {"path": info.lora, "sha256": info.files.get(f"lora/{Path(lora).name}")} if lora else None
 
+    configuration = {
+        "model_path": str(Path(model).resolve()),
+        "model_fingerprint": info.fingerprint,
+        "pipeline_class": info.pipeline_class,
+        "conditioning": info.conditioning,
+        "prompt": prompt,
+        "class_label": class_label,
+        "latent_sample_seed": latent_sample_seed,
+        "n_suspect": len(suspect_records),
+        "n_control": len(control_records),
+        "images_sha256": images_digest(records),
+        "access": access,
+        "features": list(names),
+        "seed": seed,
+        "alpha": alpha,
+        "folds": folds,
+        "C": C,
+        "penalty": penalty,
+        "test": TEST_NAMES[test],
+        "n_permutations": n_permutations if test == "permutation" else None,
+        "power_resamples": power_resamples,
+        "batch_size": batch_size,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "precision": precision,
+        "threads": threads or None,
+        **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
+        "suspect_path": str(Path(suspect).resolve()),
+        "control_path": str(Path(control).resolve()),
+        "duplicates": duplicates,
+        "duplicates_dropped": len(dropped),
+        **({"cdi.search_run_id": search_config.search_run_id, "search.C": search_config.C,
+            "search.penalty": search_config.penalty, "search.excluded_images": len(excluded)}
+           if search_config is not None else {}),
+        **({"lora_path": lora_record["path"], "lora_sha256": lora_record["sha256"]} if lora_record else {}),
+        "reference_models": [entry["path"] for entry in recorded_references],
+        "reference_fingerprints": [entry["fingerprint"] for entry in recorded_references],
+        "calibration.representation": representation if references else "raw",
+        "calibration.reference_formula": reference_formula if references else None,
+        "calibration.difficulty": difficulty_calibration,
+    }
+    # audit_run connects first (an unreachable store fails before any model pass), checks that a resumed
+    # run audited this model, these images and settings, and that the artifact store takes a file.
     with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}",
-                            resume_run_id=resume_run_id) as run_id:
+                            resume_run_id=resume_run_id, expected_params=configuration) as run_id:
         tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting",
                            **({"cdi.reference_fingerprints": ",".join(e["fingerprint"] for e in recorded_references)}
                               if references else {}),
                            **({"cdi.search_run_id": str(search_config.search_run_id)} if search_config is not None else {})})
-        configuration = {
-            "model_path": str(Path(model).resolve()),
-            "model_fingerprint": info.fingerprint,
-            "pipeline_class": info.pipeline_class,
-            "conditioning": info.conditioning,
-            "prompt": prompt,
-            "class_label": class_label,
-            "latent_sample_seed": latent_sample_seed,
-            "n_suspect": len(suspect_records),
-            "n_control": len(control_records),
-            "access": access,
-            "features": list(names),
-            "seed": seed,
-            "alpha": alpha,
-            "folds": folds,
-            "C": C,
-            "penalty": penalty,
-            "test": TEST_NAMES[test],
-            "n_permutations": n_permutations if test == "permutation" else None,
-            "power_resamples": power_resamples,
-            "batch_size": batch_size,
-            "devices": devices,
-            "num_nodes": num_nodes,
-            "precision": precision,
-            "threads": threads or None,
-            **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
-            "suspect_path": str(Path(suspect).resolve()),
-            "control_path": str(Path(control).resolve()),
-            **({"cdi.search_run_id": search_config.search_run_id, "search.C": search_config.C,
-                "search.penalty": search_config.penalty, "search.excluded_images": len(excluded)}
-               if search_config is not None else {}),
-            **({"lora_path": lora_record["path"], "lora_sha256": lora_record["sha256"]} if lora_record else {}),
-            "reference_models": [entry["path"] for entry in recorded_references],
-            "reference_fingerprints": [entry["fingerprint"] for entry in recorded_references],
-            "calibration.representation": representation if references else "raw",
-            "calibration.reference_formula": reference_formula if references else None,
-            "calibration.difficulty": difficulty_calibration,
-        }
         tracking.log_params({**configuration, **_versions()})
         extraction = run_extraction(show_progress=progress, cached=use_cache)
         # Same records, names, config and seed: every noise draw equals the target's (common random numbers).
@@ -561,13 +570,16 @@ def audit(
             model_path=str(Path(model).resolve()),
             model_fingerprint=info.fingerprint,
             run_id=run_id,
-            tracking_uri=uri,
+            tracking_uri=tracking.redact_uri(uri),
             experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
             extras={
                 **(evidence := evidence_fields(found, scored_names)),
                 "warnings": [*evidence["warnings"], *verdict_warnings(
                     evidence, verdict=str(fitted.verdict_), test=test, n_suspect=len(suspect_records),
-                    n_control=len(control_records), permutation_warnings=permutation_warnings)],
+                    n_control=len(control_records), permutation_warnings=permutation_warnings,
+                    dropped_duplicates=len(dropped))],
+                **({"duplicates_dropped": [{"set": r.role, "path": printable_path(r.path), "sha256": r.sha256}
+                                           for r in dropped]} if dropped else {}),
                 "reference_models": recorded_references,
                 "calibration": calibrated.describe(),
                 **({"lora": lora_record} if lora_record else {}),
@@ -582,8 +594,8 @@ def audit(
         )
         table = pd.DataFrame(
             {
-                "file_name": [r.name for r in records],
-                "path": [str(r.path) for r in records],
+                "file_name": [printable_path(r.name) for r in records],
+                "path": [printable_path(r.path) for r in records],
                 "sha256": [r.sha256 for r in records],
                 "set": [r.role for r in records],
             }
@@ -625,7 +637,10 @@ def audit(
             Path(model).resolve(), info.fingerprint, info.files, image_entries(suspect_records, suspect),
             image_entries(control_records, control), configuration, _versions(),
             excluded_images=[*image_entries([r for r in excluded if r.role == "suspect"], suspect),
-                             *image_entries([r for r in excluded if r.role == "control"], control)],
+                             *image_entries([r for r in excluded if r.role == "control"], control),
+                             *({**entry, "reason": "duplicate"} for entry in
+                               [*image_entries([r for r in dropped if r.role == "suspect"], suspect),
+                                *image_entries([r for r in dropped if r.role == "control"], control)])],
             reference_models=[{**entry, "files": dict(sorted(r.info.files.items()))}
                               for entry, r in zip(recorded_references, references)],
         )

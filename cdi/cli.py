@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--difficulty-calibration", choices=("off", "image"), default=None,
                        help="regress the features on label-free image statistics and score the residuals "
                             "(image) or not (off); default: see README")
+    audit.add_argument("--duplicates", choices=("refuse", "keep-one"), default="refuse",
+                       help="a picture found more than once (same file, or re-encoded, resized, lightly edited): "
+                            "refuse the audit (default) or keep one copy per set; a picture in both sets is refused")
     chosen = audit.add_mutually_exclusive_group()
     chosen.add_argument("--config", type=Path, default=None,
                         help="best_config.yaml of a search: its features, access, folds and seed replace those options")
@@ -313,6 +316,7 @@ def run_audit(args: argparse.Namespace) -> int:
         representation=args.representation,
         reference_formula=args.reference_formula,
         difficulty_calibration=args.difficulty_calibration,
+        duplicates=args.duplicates,
     )
     if result is None:
         print("features of this rank are in the cache; rank 0 reports the audit")
@@ -336,8 +340,13 @@ def run_audit(args: argparse.Namespace) -> int:
     for warning in result.extras.get("warnings", []):
         print(f"WARNING: {warning}")
     print(f"run: {result.run_id} (tracking URI {result.tracking_uri}, experiment {result.experiment})")
+    for dropped in result.extras.get("duplicates_dropped", []):
+        print(f"left out (duplicate): {dropped['set']} {dropped['path']}")
     if args.output is not None:
-        write_output(args.output, json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n", result.run_id)
+        from cdi import tracking
+
+        record = tracking.redact_value(result.to_dict(), tracking.resolve_tracking_uri(args.tracking_uri))
+        write_output(args.output, json.dumps(record, indent=2, sort_keys=True) + "\n", result.run_id)
         print(f"result: {args.output}")
     return 0
 

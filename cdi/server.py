@@ -8,7 +8,9 @@ Runs, in place of the current process, `python -m mlflow server` with
 - the UI and REST API on `--host` (127.0.0.1 unless told otherwise) and `--port`.
 
 The backend URI travels in MLFLOW_BACKEND_STORE_URI rather than on the command line, so a password
-in it does not show in `ps`; the printed command masks it.
+in it does not show in `ps`; the printed command and every error mask it (`cdi.tracking.redact_uri`).
+Unless set, the server's boto3 retries are bounded (AWS_RETRY_MODE=standard, AWS_MAX_ATTEMPTS=3), so an
+upload to a bucket that does not answer fails before the client's MLFLOW_HTTP_REQUEST_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from cdi.errors import OptionError
+from cdi.tracking import S3_RETRY_DEFAULTS, redact_text, redact_uri
 
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "sqlite")
 
@@ -53,22 +56,19 @@ class ServerConfig:
         env["MLFLOW_BACKEND_STORE_URI"] = self.backend_store_uri
         if self.s3_endpoint_url:
             env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        for name, value in S3_RETRY_DEFAULTS.items():
+            env.setdefault(name, value)
         return env
 
     def shell_line(self) -> str:
         """The command as one shell line, with any password masked."""
-        assignments = [f"MLFLOW_BACKEND_STORE_URI={shlex.quote(mask_password(self.backend_store_uri))}"]
+        assignments = [f"MLFLOW_BACKEND_STORE_URI={shlex.quote(redact_uri(self.backend_store_uri))}"]
         if self.s3_endpoint_url:
-            assignments.append(f"MLFLOW_S3_ENDPOINT_URL={shlex.quote(self.s3_endpoint_url)}")
-        return " ".join(assignments + [shlex.quote(part) for part in self.command()])
+            assignments.append(f"MLFLOW_S3_ENDPOINT_URL={shlex.quote(redact_uri(self.s3_endpoint_url))}")
+        return " ".join(assignments + [shlex.quote(redact_uri(part)) for part in self.command()])
 
 
-def mask_password(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+mask_password = redact_uri  # the name this module exported before tracking.redact_uri existed
 
 
 def check(config: ServerConfig) -> None:
@@ -76,7 +76,7 @@ def check(config: ServerConfig) -> None:
     scheme = urlsplit(config.backend_store_uri).scheme.split("+")[0]
     if scheme not in DATABASE_SCHEMES:
         raise OptionError(
-            f"--backend-store-uri {mask_password(config.backend_store_uri)}: not a database URI; "
+            f"--backend-store-uri {redact_uri(config.backend_store_uri)}: not a database URI; "
             "give postgresql://USER@HOST:5432/DATABASE (a file store cannot serve a team)"
         )
     if scheme == "postgresql":
@@ -109,9 +109,9 @@ def _check_database(uri: str) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        first = str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0]
+        first = redact_text(str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0], uri)
         raise OptionError(
-            f"--backend-store-uri {mask_password(uri)}: cannot connect ({first}); "
+            f"--backend-store-uri {redact_uri(uri)}: cannot connect ({first}); "
             "create the database (createdb) and check host, port, user and password"
         ) from None
     finally:
@@ -121,13 +121,17 @@ def _check_database(uri: str) -> None:
 def _check_bucket(destination: str, endpoint_url: str | None) -> None:
     import boto3
     import botocore.exceptions
+    from botocore.config import Config
 
     bucket = urlsplit(destination).netloc
+    chosen = any(name in os.environ for name in S3_RETRY_DEFAULTS)  # else bounded, as the server will be
+    config = Config(connect_timeout=10, **({} if chosen else {"retries": {"mode": "standard", "max_attempts": 3}}))
     try:
-        boto3.client("s3", endpoint_url=endpoint_url).head_bucket(Bucket=bucket)
+        boto3.client("s3", endpoint_url=endpoint_url, config=config).head_bucket(Bucket=bucket)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise OptionError(
-            f"--artifacts-destination {destination}: bucket {bucket} cannot be reached ({exc}); "
+            f"--artifacts-destination {redact_uri(destination)}: bucket {bucket} cannot be reached "
+            f"({redact_text(str(exc), endpoint_url)}); "
             "create it and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and --s3-endpoint-url for MinIO and the like)"
         ) from None
 

@@ -61,6 +61,7 @@ def start_mlflow_server(root: Path, port: int, timeout_s: float = 120.0):
     import requests
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner and huey workers to leak
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
@@ -72,7 +73,7 @@ def start_mlflow_server(root: Path, port: int, timeout_s: float = 120.0):
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
                 return proc
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or a slow answer on a loaded machine
             pass
         if proc.poll() is not None:
             break
