@@ -185,3 +185,30 @@ def test_output_is_replaced_whole(tiny_model, good_sets, tracking_uri, experimen
     assert code == 0, err
     assert json.loads(output.read_text())["verdict"] in ("used", "not_detected")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".result.json")] == []
+
+
+# -- file names --------------------------------------------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_audited_and_recorded(tiny_model, good_sets, tracking_uri, experiment,
+                                                             tmp_path, capsys):
+    """Linux allows any bytes in a name; the audit used to be lost while writing features.csv."""
+    import os
+
+    suspect, control = copy_set(good_sets[0], tmp_path / "p"), copy_set(good_sets[1], tmp_path / "u")
+    first = sorted(suspect.glob("*.png"))[0]
+    odd = os.fsdecode(os.fsencode(str(suspect)) + b"/caf\xe9_\xff.png")
+    os.rename(first, odd)
+    output = tmp_path / "result.json"
+    code, out, err = run_audit(capsys, tiny_model, suspect, control, experiment, "--output", str(output))
+    assert code == 0, err
+    result = json.loads(output.read_text())
+    run = mlflow.MlflowClient(tracking_uri).get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/features.csv")
+    assert "caf\\xe9_\\xff.png" in text  # shown with backslash escapes, the rest of the table intact
+    assert len(text.strip().splitlines()) == 1 + 24
+    from cdi.cli import main
+
+    assert main(["verify", result["run_id"], "--model", str(tiny_model), "--suspect", str(suspect),
+                 "--control", str(control)]) == 0
