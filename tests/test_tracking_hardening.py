@@ -6,6 +6,8 @@ thread, boto3 against a closed port. Every process and thread started here is en
 
 from __future__ import annotations
 
+import json
+
 import http.server
 import os
 import signal
@@ -222,6 +224,30 @@ def test_a_password_in_the_tracking_uri_reaches_no_param_tag_artifact_output_or_
         "path,DL", "/data/***/a.png,0.125"]
     stored = [path for path in root.rglob("*") if path.is_file()]  # the server's database, artifacts and log
     assert len(stored) > 5 and not [path for path in stored if PASSWORD.encode() in path.read_bytes()]
+
+
+def test_cdi_audit_with_a_password_in_the_uri_prints_writes_and_stores_it_masked(
+        mlflow_server, default_network_settings, tiny_model, image_sets, tmp_path, capfd):
+    """The issue's case end to end: `cdi audit --tracking-uri http://user:password@host --output FILE`."""
+    import mlflow
+
+    from cdi.cli import main
+
+    url, root = mlflow_server
+    output = tmp_path / "result.json"
+    code = main(["audit", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control",
+                 str(image_sets[1]), "--tracking-uri", _with_login(url), "--experiment", "secrets-cli",
+                 "--access", "gray", "--features", "DL", "--permutations", "100", "--power-resamples", "0",
+                 "--no-progress", "--output", str(output)])
+    printed = capfd.readouterr()
+    assert code == 0, printed.err
+    assert PASSWORD not in printed.out + printed.err + output.read_text()
+    result = json.loads(output.read_text())
+    assert result["tracking_uri"] == _with_login(url).replace(PASSWORD, "***")
+    assert f"{USER}:***@" in printed.out
+    stored = mlflow.artifacts.load_text(f"{mlflow.MlflowClient(url).get_run(result['run_id']).info.artifact_uri}/result.json")
+    assert PASSWORD not in stored and json.loads(stored)["tracking_uri"] == result["tracking_uri"]
+    assert not [path for path in root.rglob("*") if path.is_file() and PASSWORD.encode() in path.read_bytes()]
 
 
 def test_errors_name_the_tracking_uri_without_its_password(tiny_server, default_network_settings):
