@@ -13,9 +13,7 @@ import io
 import json
 import os
 import shutil
-import struct
 import uuid
-import zlib
 from pathlib import Path
 
 import mlflow
@@ -27,7 +25,7 @@ from PIL import Image
 from cdi.cli import main
 from cdi.data.images import MIN_SET_SIZE
 
-from builders import save_pipeline, tiny_unet, write_images
+from builders import png_header_only, save_pipeline, tiny_unet, write_images
 
 #: Cheap but complete audits: one gray-box feature, no power curve, enough permutations to reject at 0.01.
 FAST = ("--access", "gray", "--features", "DL", "--permutations", "100", "--power-resamples", "0")
@@ -98,16 +96,6 @@ def feature_table(tracking_uri: str, run_id: str) -> dict[str, str]:
 
 def random_pixels(seed: int, shape: tuple[int, ...], high: int = 256, dtype=np.uint8) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that declares width x height RGB pixels but holds no pixel data (a few dozen bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
-    return path
 
 
 # -- image files -------------------------------------------------------------------------------------

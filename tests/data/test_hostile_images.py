@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +23,7 @@ from cdi.data import (
 )
 from cdi.errors import ImageSetError
 
-from builders import write_images
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that declares width x height RGB pixels and holds none: only a header check can name its size."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
-    return path
+from builders import png_header_only, write_images
 
 
 @pytest.fixture
