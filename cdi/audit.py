@@ -18,7 +18,7 @@ from cdi.errors import OptionError
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.features.extraction import worker_rank
 from cdi.models import load_model
-from cdi.manifest import build_manifest, image_entries
+from cdi.manifest import build_manifest, image_entries, image_metadata
 from cdi.stats import image_statistics
 from cdi.stats.assessment import TEST_NAMES, assess, evidence_fields
 from cdi.stats.difficulty import DIFFICULTY_MODES, REFERENCE_FORMULAS, REPRESENTATIONS, calibrate, difficulty_covariates
@@ -643,6 +643,7 @@ def audit(
                                 *image_entries([r for r in dropped if r.role == "control"], control)])],
             reference_models=[{**entry, "files": dict(sorted(r.info.files.items()))}
                               for entry, r in zip(recorded_references, references)],
+            metadata=image_metadata(suspect, control),
         )
         tracking.set_tags({
             "cdi.verdict": result.verdict,

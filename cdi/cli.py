@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default 16)")
     audit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     audit.add_argument("--devices", type=_positive_int, default=1, help="devices per node (Lightning), default 1")
-    audit.add_argument("--num-nodes", type=_positive_int, default=1, help="nodes (Lightning), default 1")
+    audit.add_argument("--num-nodes", type=_positive_int, default=1, help="nodes (Lightning), default 1; every node must join within "
+                       "$CDI_RENDEZVOUS_TIMEOUT seconds (default 300)")
     audit.add_argument("--strategy", default="auto",
                        help="Lightning strategy; default ddp_spawn when several devices, else single device")
     audit.add_argument("--precision", choices=("auto", "32", "bf16", "16"), default="auto",

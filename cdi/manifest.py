@@ -1,8 +1,10 @@
 """Evidence manifest: what an audit looked at, byte for byte, and how to check it later.
 
 `manifest.json` holds the sha256 of every model file and every image (by set and path relative to
-the set's folder), the package versions, the seeds and the full configuration. `verify` re-hashes a
-model directory and two image folders and lists every difference from a manifest.
+the set's folder) with the label or caption the model was queried with, the sha256 of each folder's
+metadata.jsonl (null where there is none), the package versions, the seeds and the full configuration.
+`verify` re-hashes a model directory, two image folders and their metadata.jsonl and lists every
+difference from a manifest; keys an older manifest lacks are not differences.
 """
 
 from __future__ import annotations
@@ -13,16 +15,38 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cdi.data import ImageRecord, discover_images
+from cdi.data.images import METADATA_FILE
+from cdi.hashing import sha256_file
 from cdi.models.loading import fingerprint
 
-MANIFEST_VERSION = 1
+#: 2: images carry "label" / "caption"; "metadata" holds each folder's metadata.jsonl sha256.
+MANIFEST_VERSION = 2
 
 
-def image_entries(records: Sequence[ImageRecord], root: str | Path) -> list[dict[str, str]]:
+def image_entries(records: Sequence[ImageRecord], root: str | Path) -> list[dict[str, Any]]:
+    """One entry per image: set, path relative to `root`, sha256, and the label / caption the model is queried
+    with where there is one (pass the records after `cdi.audit.apply_conditioning`)."""
     root = Path(root)
-    return [
-        {"set": r.role, "path": r.path.relative_to(root).as_posix(), "sha256": r.sha256} for r in records
-    ]
+    entries = []
+    for r in records:
+        entry: dict[str, Any] = {"set": r.role, "path": r.path.relative_to(root).as_posix(), "sha256": r.sha256}
+        if r.label is not None:
+            entry["label"] = r.label
+        if r.caption is not None:
+            entry["caption"] = r.caption
+        entries.append(entry)
+    return entries
+
+
+def metadata_digest(folder: str | Path) -> str | None:
+    """sha256 of the folder's metadata.jsonl (labels, captions), None where it has none."""
+    path = Path(folder) / METADATA_FILE
+    return sha256_file(path) if path.is_file() else None
+
+
+def image_metadata(suspect: str | Path, control: str | Path) -> dict[str, str | None]:
+    """The `metadata` entry of a manifest: set -> sha256 of that folder's metadata.jsonl (None: no such file)."""
+    return {"suspect": metadata_digest(suspect), "control": metadata_digest(control)}
 
 
 def build_manifest(
@@ -35,10 +59,13 @@ def build_manifest(
     versions: dict[str, str],
     excluded_images: list[dict[str, str]] | None = None,
     reference_models: list[dict[str, Any]] | None = None,
+    metadata: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """`excluded_images`: files of the two folders the audit left out (held out for a search).
-    `reference_models`: path, fingerprint and files (relative path -> sha256) of each reference model."""
-    return {
+    `reference_models`: path, fingerprint and files (relative path -> sha256) of each reference model.
+    `metadata`: `image_metadata(suspect, control)`, the sha256 of each folder's metadata.jsonl; left out of the
+    manifest when not given (verify then does not check metadata.jsonl)."""
+    manifest = {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": str(model_path), "fingerprint": model_fingerprint, "files": dict(sorted(model_files.items()))},
@@ -50,6 +77,9 @@ def build_manifest(
         "seeds": {"seed": configuration.get("seed")},
         "versions": versions,
     }
+    if metadata is not None:
+        manifest["metadata"] = dict(metadata)
+    return manifest
 
 
 @dataclass
@@ -107,4 +137,9 @@ def verify(manifest: dict[str, Any], model: str | Path, suspect: str | Path, con
         actual = {e["path"]: e["sha256"] for e in image_entries(discover_images(folder, role), folder)}
         _compare(f"{role} image", expected, actual, report.differences)
         report.checked_files += len(actual)
+        if role in manifest.get("metadata", {}):  # older manifests did not record metadata.jsonl
+            recorded_digest, digest = manifest["metadata"][role], metadata_digest(folder)
+            _compare(role, {METADATA_FILE: recorded_digest} if recorded_digest else {},
+                     {METADATA_FILE: digest} if digest else {}, report.differences)
+            report.checked_files += digest is not None
     return report

@@ -212,3 +212,45 @@ def test_a_file_name_that_is_not_utf8_is_audited_and_recorded(tiny_model, good_s
 
     assert main(["verify", result["run_id"], "--model", str(tiny_model), "--suspect", str(suspect),
                  "--control", str(control)]) == 0
+
+
+# -- conditioning is evidence ----------------------------------------------------------------------
+
+
+def test_relabelling_every_image_recomputes_features_and_verify_notices(tmp_path, good_sets, tracking_uri, experiment,
+                                                                       capsys):
+    """The issue's case: on a class-conditional model, new labels reused the cached features (same p) and
+    `cdi verify` passed. Now the labels are in the cache key and the manifest."""
+    from builders import save_pipeline, tiny_unet
+    from cdi.cli import main
+
+    model = save_pipeline(tmp_path / "conditional", tiny_unet(num_class_embeds=3))
+    suspect, control = copy_set(good_sets[0], tmp_path / "p"), copy_set(good_sets[1], tmp_path / "u")
+    cache = tmp_path / "cache"
+
+    def label_all(label: int) -> None:
+        for folder in (suspect, control):
+            rows = [{"file_name": p.name, "label": label} for p in sorted(folder.glob("*.png"))]
+            (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def audited() -> dict:
+        output = tmp_path / "result.json"
+        code, _, err = run_audit(capsys, model, suspect, control, experiment, "--cache-dir", str(cache),
+                                 "--output", str(output))
+        assert code == 0, err
+        result = json.loads(output.read_text())
+        return {**result, "metrics": mlflow.MlflowClient(tracking_uri).get_run(result["run_id"]).data.metrics}
+
+    label_all(0)
+    first = audited()
+    label_all(2)
+    second = audited()
+    assert second["metrics"]["cache_hits"] == 0 and second["metrics"]["cache_misses"] == 24
+    assert second["feature_auc"] != first["feature_auc"] or second["statistic"] != first["statistic"]
+    verify = ["verify", first["run_id"], "--model", str(model), "--suspect", str(suspect), "--control", str(control)]
+    assert main(verify) == 1
+    assert "suspect metadata.jsonl: sha256" in capsys.readouterr().out
+    label_all(0)
+    again = audited()
+    assert again["metrics"]["cache_hits"] == 24 and again["statistic"] == first["statistic"]
+    assert main(verify) == 0

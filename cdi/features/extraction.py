@@ -1,24 +1,32 @@
 """Feature extraction as a Lightning module: one encode per image, every planned family per batch.
 
 How work is laid out, so that results never depend on how they were computed:
-- images are deduplicated by sha256, the ones missing from the cache are sorted by sha256 and cut
-  into batches of `batch_size`; batch i goes to rank i mod world size. A batch has the same
-  composition whatever the number of processes, so 2 processes give the same bits as 1;
+- images are deduplicated by row key (the sha256, plus the label or caption on a conditioned model:
+  `cdi.features.cache.row_key`), the ones missing from the cache are sorted by sha256 and cut into
+  batches of `batch_size`; batch i goes to rank i mod world size. A batch has the same composition
+  whatever the number of processes, so 2 processes give the same bits as 1;
 - each rank writes every finished batch to the feature cache as its own shard (atomic rename);
-  the caller merges shards by sha256. A killed extraction resumes at the first unfinished batch;
-- noise is seeded per image (see `cdi.features.noise`).
+  the caller merges shards by row key. A killed extraction resumes at the first unfinished batch;
+- noise is seeded per image sha256 (see `cdi.features.noise`), never by the row key;
+- several processes meet within `CDI_RENDEZVOUS_TIMEOUT` seconds (default 300) or stop with an error
+  that says how many ranks arrived.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +37,9 @@ import numpy as np
 import torch
 
 from cdi.data.images import ImageDataset, ImageRecord
-from cdi.errors import FeatureError, OptionError
+from cdi.errors import FeatureError, Interrupted, OptionError
 from cdi.features.base import FeatureBatch, FeatureConfig
-from cdi.features.cache import FeatureCache, default_cache_dir
+from cdi.features.cache import FeatureCache, default_cache_dir, effective_caption, effective_label, row_key
 from cdi.features.registry import plan_families
 from cdi.models.base import DiffusionAdapter
 
@@ -40,6 +48,10 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*custom batch sampler.*", category=UserWarning)
 
 PRECISIONS = ("auto", "32", "bf16", "16")
+#: Seconds every rank of a multi-process extraction has to join (env CDI_RENDEZVOUS_TIMEOUT overrides).
+RENDEZVOUS_TIMEOUT_S = 300.0
+#: Lightning's DDP strategy names and the start method each stands for.
+DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
 
 
 class RankBatchSampler(torch.utils.data.Sampler):
@@ -100,7 +112,7 @@ class FeatureExtractor(L.LightningModule):
         if self.channels_last:  # hand the model back in the layout it came in
             self.adapter.to(memory_format=torch.contiguous_format)
         if self.trainer.world_size > 1:  # rank 0 reads every rank's shards next: wait until all are written
-            self.trainer.strategy.barrier("cdi-shards-written")
+            _wait_for_every_rank(self.trainer, "cdi-shards-written")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in ("bf16", "16") and self.device.type in ("cuda", "cpu"):
@@ -110,8 +122,7 @@ class FeatureExtractor(L.LightningModule):
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Features (B, len(names)) in float32 and the seconds spent per family."""
-        labels = [None if int(label) < 0 else int(label) for label in batch["label"]]
-        captions = [caption or None for caption in batch["caption"]]
+        labels, captions = _conditioning(batch)
         images = batch["image"]
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -142,9 +153,40 @@ class FeatureExtractor(L.LightningModule):
         matrix, seconds = self.compute(batch)
         values = matrix.cpu().numpy()
         if self.cache_root is not None:
+            conditioning = self.adapter.info.conditioning
+            keys = [row_key(digest, conditioning, label, caption)
+                    for digest, label, caption in zip(batch["sha256"], *_conditioning(batch))]
             FeatureCache(Path(self.cache_root)).write(batch["sha256"], self.names, values, seconds,
-                                                      f"{self.session}r{self.global_rank}-")
+                                                      f"{self.session}r{self.global_rank}-", keys)
         return {"n": len(batch["sha256"])}
+
+
+def _conditioning(batch: dict) -> tuple[list, list]:
+    """Labels and captions of a collated batch as the adapter gets them (the dataset writes None as -1 / "")."""
+    return ([effective_label(label) for label in batch["label"]],
+            [effective_caption(caption) for caption in batch["caption"]])
+
+
+_barriers = 0  # barriers this process has passed: the same sequence in every rank, so a fresh name each time
+
+
+def _wait_for_every_rank(trainer: L.Trainer, name: str) -> None:
+    """A barrier that waits as long as the slowest rank needs (the process group's timeout is only the
+    rendezvous timeout) and stays interruptible: each rank counts itself in on the process group's store
+    and polls it from Python. Falls back to the strategy's barrier where the store is not reachable."""
+    global _barriers
+    _barriers += 1
+    from torch.distributed import distributed_c10d
+
+    try:
+        store = distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        trainer.strategy.barrier(name)
+        return
+    key = f"{name}-{_barriers}"
+    store.add(key, 1)
+    while store.add(key, 0) < trainer.world_size:
+        time.sleep(0.2)
 
 
 class ImagesPerSecondBar(L.Callback):
@@ -219,6 +261,21 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def rendezvous_timeout() -> float:
+    """Seconds the ranks of a multi-process extraction have to meet: CDI_RENDEZVOUS_TIMEOUT, else 300."""
+    value = os.environ.get("CDI_RENDEZVOUS_TIMEOUT", "").strip()
+    if not value:
+        return RENDEZVOUS_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise OptionError(f"CDI_RENDEZVOUS_TIMEOUT {value!r}: must be a positive number of seconds "
+                          f"(default {RENDEZVOUS_TIMEOUT_S:g})")
+    return seconds
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, and the CPU allocator's failure (a plain RuntimeError)."""
     message = str(exc).lower()
@@ -265,29 +322,34 @@ def extract(
     # plain key, so caches written before precision was part of it stay valid.
     key = config.to_dict() if precision == "32" else {**config.to_dict(), "precision": precision}
     cache = FeatureCache.open(cache_root, adapter.info.fingerprint, key, seed)
+    conditioning = adapter.info.conditioning
+    keys = [_row_key(record, conditioning) for record in records]
     try:
-        unique = sorted({record.sha256: record for record in records}.items())
-        cached = cache.load([digest for digest, _ in unique], names)
-        todo = [record for digest, record in unique if digest not in cached]
+        # One row per (image, conditioning): the same image under two labels is computed twice. Sorted by
+        # sha256 first, so unconditioned batches are composed exactly as when the key was the sha256.
+        unique = sorted(dict(zip(keys, records)).items(), key=lambda item: (item[1].sha256, item[0]))
+        wanted = [key for key, _ in unique]
+        cached = cache.load(wanted, names)
+        todo = [record for key, record in unique if key not in cached]
         log.info("feature cache %s: %d hit(s), %d miss(es)", cache.root, len(unique) - len(todo), len(todo))
         started = time.perf_counter()
-        session = _session_id(todo, names)
+        session = _session_id(todo, names, conditioning)
         with half_precision_weights(adapter, precision if todo else "32"):
             _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
                              num_nodes, strategy, precision, channels_last, threads, session)
-        rows = cache.load([digest for digest, _ in unique], names)
+        rows = cache.load(wanted, names)
         if devices * num_nodes > 1:
-            rows = _wait_for_other_ranks(cache, [digest for digest, _ in unique], names, rows)
+            rows = _wait_for_other_ranks(cache, wanted, names, rows)
         seconds = time.perf_counter() - started
         family_seconds = cache.seconds(session) if todo else {}  # every rank's shards, every retry's
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    missing = [record for record in records if record.sha256 not in rows]
+    missing = [record for record, key in zip(records, keys) if key not in rows]
     if missing:
         raise FeatureError(f"{missing[0].path}: no features were produced ({len(missing)} image(s)); rerun to resume")
-    values = np.stack([rows[record.sha256] for record in records])
-    _check_finite(values, records, names, cache, precision)
+    values = np.stack([rows[key] for key in keys])
+    _check_finite(values, records, keys, names, cache, precision)
     return ExtractionReport(
         values=values,
         cache_hits=len(cached),
@@ -339,16 +401,23 @@ def half_precision_weights(adapter: DiffusionAdapter, precision: str):
         module.load_state_dict(saved)
 
 
-def _session_id(todo: Sequence[ImageRecord], names: Sequence[str]) -> str:
+def _row_key(record: ImageRecord, conditioning: str) -> str:
+    return row_key(record.sha256, conditioning, record.label, record.caption)
+
+
+def _session_id(todo: Sequence[ImageRecord], names: Sequence[str], conditioning: str = "none") -> str:
     """Shard-name prefix of one extraction: the same in every rank (each node computes the same `todo` before
     the ranks meet), so that rank 0 can sum every rank's seconds per family."""
-    digest = hashlib.sha256("\n".join([*names, *(record.sha256 for record in todo)]).encode()).hexdigest()
+    keys = (_row_key(record, conditioning) for record in todo)
+    digest = hashlib.sha256("\n".join([*names, *keys]).encode()).hexdigest()
     return f"{digest[:12]}-"
 
 
 def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
                      strategy, precision, channels_last, threads, session: str) -> None:
-    """Extract `todo` into the cache; out of memory: halve the batch and go on with the unfinished images."""
+    """Extract `todo` into the cache; out of memory: halve the batch and go on with the unfinished images.
+    Only out-of-memory errors are retried: Interrupted and every other error propagate."""
+    conditioning = adapter.info.conditioning
     while todo:
         try:
             _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
@@ -358,7 +427,7 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
             if not _is_out_of_memory(exc):
                 raise
             if batch_size == 1:
-                finished = len(cache.load([r.sha256 for r in todo], names))
+                finished = len(cache.load([_row_key(r, conditioning) for r in todo], names))
                 raise FeatureError(
                     f"--batch-size: out of memory on {accelerator} even for one image; use a device with more "
                     f"memory, --precision bf16, or fewer features (--access gray); the {finished} image(s) "
@@ -368,8 +437,8 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
             log.warning("out of memory: retrying with batch size %d (finished batches are kept)", batch_size)
             if accelerator == "cuda":
                 torch.cuda.empty_cache()
-            done = cache.load([r.sha256 for r in todo], names)
-            todo = [r for r in todo if r.sha256 not in done]
+            done = cache.load([_row_key(r, conditioning) for r in todo], names)
+            todo = [r for r in todo if _row_key(r, conditioning) not in done]
 
 
 def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
@@ -381,8 +450,15 @@ def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progre
     )
     module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last, session,
                               threads)
-    if strategy == "auto" and devices * num_nodes > 1:
+    world_size = devices * num_nodes
+    timeout = rendezvous_timeout() if world_size > 1 else None
+    if strategy == "auto" and world_size > 1:
         strategy = "ddp_spawn"  # works from any entry point, the CLI included
+    if world_size > 1 and isinstance(strategy, str) and strategy in DDP_START_METHODS:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Lightning's default waits 30 minutes for a missing node, deaf to Ctrl-C; fail in `timeout` instead.
+        strategy = DDPStrategy(start_method=DDP_START_METHODS[strategy], timeout=datetime.timedelta(seconds=timeout))
     callbacks = [ImagesPerSecondBar(len(todo))] if progress else []
     trainer = L.Trainer(
         accelerator="gpu" if accelerator == "cuda" else "cpu",
@@ -397,16 +473,82 @@ def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progre
         inference_mode=False,  # GM and NO need input gradients; gradient-free work runs under no_grad
         callbacks=callbacks,
     )
-    trainer.predict(module, dataloaders=loader, return_predictions=False)  # results travel through the cache
+    # The caller handles SIGTERM (the CLI raises Interrupted); Lightning's own handler would first broadcast
+    # to the other ranks, which waits for them up to the process group's timeout.
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None and hasattr(connector, "register_signal_handlers"):
+        connector.register_signal_handlers = _keep_signal_handlers  # module-level: ddp_spawn pickles the trainer
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)  # results travel through the cache
+    except SystemExit as exc:
+        _stop_other_processes(trainer)
+        if isinstance(exc.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into exit(1)
+            raise Interrupted(signal.SIGINT) from None
+        raise
+    except Exception as exc:
+        if world_size > 1 and (failure := _rendezvous_failure(exc)) is not None:
+            _stop_other_processes(trainer)
+            raise OptionError(_rendezvous_message(failure, devices, num_nodes, timeout)) from exc
+        raise
+    except BaseException:  # Interrupted, KeyboardInterrupt: finished shards stay; no process is left running
+        _stop_other_processes(trainer)
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not sigint:
+            signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after an interrupt
 
 
-def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], names: Sequence[str],
+def _keep_signal_handlers() -> None:
+    """Stands in for Lightning's signal registration: the handlers in place stay."""
+
+
+def _stop_other_processes(trainer: L.Trainer) -> None:
+    """Kill the processes Lightning started for the other ranks (their finished shards are already renamed)."""
+    launcher = trainer.strategy.launcher
+    if launcher is not None and getattr(launcher, "procs", None):
+        with contextlib.suppress(Exception):
+            launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _rendezvous_failure(exc: BaseException) -> str | None:
+    """The text of a failure of the ranks to meet (raised in this process or, with ddp_spawn, in a rank it
+    spawned, whose traceback the error carries); None for any other error."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    distributed = ("DistStoreError", "DistNetworkError", "DistError")
+    if "init_process_group" in text and any(name in text for name in distributed):
+        return text
+    return None
+
+
+def _rendezvous_message(failure: str, devices: int, num_nodes: int, timeout: float) -> str:
+    world = devices * num_nodes
+    where = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '?')}"
+    joined = re.search(r"(\d+)/(\d+) clients joined", failure)
+    if joined:
+        arrived, expected = int(joined.group(1)), int(joined.group(2))
+        what = (f"only {arrived} of {expected} ranks ({num_nodes} node(s) x {devices} device(s)) joined within "
+                f"{timeout:g} s, {expected - arrived} never arrived")
+    elif "client socket has timed out" in failure or "trying to connect" in failure:
+        what = (f"this node (NODE_RANK {os.environ.get('NODE_RANK', '0')}) could not reach rank 0 at {where} "
+                f"within {timeout:g} s ({world} ranks expected)")
+    else:
+        lines = [line for line in failure.splitlines() if "Dist" in line and ":" in line]
+        detail = lines[-1].strip() if lines else "rendezvous failed"
+        what = f"the {world} ranks could not meet ({detail})"
+    return (f"--num-nodes {num_nodes} --devices {devices}: {what}; check that every node runs the same command "
+            f"with the same MASTER_ADDR/MASTER_PORT ({where}, reachable from every node) and its own NODE_RANK "
+            f"(0..{num_nodes - 1}), and start every node within {timeout:g} s of the first "
+            "(CDI_RENDEZVOUS_TIMEOUT sets the seconds)")
+
+
+def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], keys: Sequence[str], names: Sequence[str],
                   cache: FeatureCache, precision: str) -> None:
     """Refuse non-finite features, naming the first image; drop them from the cache so a rerun recomputes them."""
     bad_rows = np.where(~np.isfinite(values).all(axis=1))[0]
     if len(bad_rows):
         bad_cols = [names[j] for j in np.where(~np.isfinite(values[bad_rows[0]]))[0]]
-        cache.drop({records[i].sha256 for i in bad_rows})
+        cache.drop({keys[i] for i in bad_rows})
         fix = ("rerun with --precision 32 (half precision can overflow)" if precision in ("bf16", "16")
                else "check the model's weights (they give non-finite output for this input)")
         raise FeatureError(
