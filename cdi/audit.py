@@ -151,11 +151,9 @@ def load_references(adapter: Any, reference_models: Sequence[str | Path], *, mod
     return references, defaulted
 
 
-def _report(result: "AuditResult", table: Any) -> str | None:
-    try:
-        from cdi.report import render_report
-    except ImportError:  # the report package is optional at import time
-        return None
+def _report(result: "AuditResult", table: Any) -> str:
+    from cdi.report import render_report  # part of cdi: result.json names report.html, so it must exist
+
     return render_report(result.to_dict(), table)
 
 
@@ -301,66 +299,376 @@ def apply_conditioning(records: list, adapter: Any, prompt: str | None, class_la
     return out
 
 
-def summary_markdown(result: AuditResult) -> str:
-    if result.verdict == "used":
-        headline = (
-            f"**Verdict: used.** The suspect images score as more member-like than the control images "
-            f"(one-sided p = {result.p_value:.3g} < alpha = {result.alpha})."
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """How features are computed (never what they are): device, batching, cache, processes, threads."""
+
+    batch_size: int = 16
+    device: str = "auto"
+    progress: bool = True
+    cache_dir: str | Path | None = None
+    use_cache: bool = True
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class TestSettings:
+    """What the test is: features, seed, cross-fitting, scorer, hypothesis test, and the scorer's input."""
+
+    names: tuple[str, ...]
+    access: str
+    feature_config: FeatureConfig
+    seed: int
+    alpha: float
+    folds: int
+    C: float
+    penalty: str
+    test: str
+    n_permutations: int
+    power_resamples: int
+    representation: str
+    reference_formula: str
+    difficulty_calibration: str
+
+
+@dataclass
+class AuditPlan:
+    """Everything the audit will do, checked and loaded before any model pass or tracking call."""
+
+    model: Path
+    suspect: Path
+    control: Path
+    adapter: Any
+    references: list[Any]
+    reference_defaulted: bool
+    suspect_records: list[ImageRecord]
+    control_records: list[ImageRecord]
+    excluded: list[ImageRecord]
+    dropped: list[ImageRecord]
+    settings: TestSettings
+    extraction: ExtractionOptions
+    lora_record: dict[str, Any] | None
+    search_config: Any
+    prompt: str | None
+    class_label: str | int | None
+    latent_sample_seed: int | None
+    duplicates: str
+    warnings: list[str]
+
+    @property
+    def records(self) -> list[ImageRecord]:
+        return [*self.suspect_records, *self.control_records]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([1] * len(self.suspect_records) + [0] * len(self.control_records))
+
+    @property
+    def recorded_references(self) -> list[dict[str, Any]]:
+        return reference_entries(self.references, self.reference_defaulted)
+
+    def configuration(self) -> dict[str, Any]:
+        """The run's params (and the manifest's configuration); a resumed run must match them."""
+        info, s, x, search = self.adapter.info, self.settings, self.extraction, self.search_config
+        references = self.recorded_references
+        return {
+            "model_path": str(self.model.resolve()),
+            "model_fingerprint": info.fingerprint,
+            "pipeline_class": info.pipeline_class,
+            "conditioning": info.conditioning,
+            "prompt": self.prompt,
+            "class_label": self.class_label,
+            "latent_sample_seed": self.latent_sample_seed,
+            "n_suspect": len(self.suspect_records),
+            "n_control": len(self.control_records),
+            "images_sha256": images_digest(self.records),
+            "access": s.access,
+            "features": list(s.names),
+            "seed": s.seed,
+            "alpha": s.alpha,
+            "folds": s.folds,
+            "C": s.C,
+            "penalty": s.penalty,
+            "test": TEST_NAMES[s.test],
+            "n_permutations": s.n_permutations if s.test == "permutation" else None,
+            "power_resamples": s.power_resamples,
+            "batch_size": x.batch_size,
+            "devices": x.devices,
+            "num_nodes": x.num_nodes,
+            "precision": x.precision,
+            "threads": x.threads or None,
+            **{f"feature.{key}": value for key, value in s.feature_config.to_dict().items()},
+            "suspect_path": str(self.suspect.resolve()),
+            "control_path": str(self.control.resolve()),
+            "duplicates": self.duplicates,
+            "duplicates_dropped": len(self.dropped),
+            **({"cdi.search_run_id": search.search_run_id, "search.C": search.C,
+                "search.penalty": search.penalty, "search.excluded_images": len(self.excluded)}
+               if search is not None else {}),
+            **({"lora_path": self.lora_record["path"], "lora_sha256": self.lora_record["sha256"]}
+               if self.lora_record else {}),
+            "reference_models": [entry["path"] for entry in references],
+            "reference_fingerprints": [entry["fingerprint"] for entry in references],
+            "calibration.representation": s.representation if self.references else "raw",
+            "calibration.reference_formula": s.reference_formula if self.references else None,
+            "calibration.difficulty": s.difficulty_calibration,
+        }
+
+
+def plan_audit(
+    model: str | Path, suspect: str | Path, control: str | Path, settings: dict[str, Any],
+    extraction: ExtractionOptions, *, search_config: Any = None, allow_pickle: bool = False,
+    prompt: str | None = None, class_label: str | int | None = None, latent_sample_seed: int | None = None,
+    reference_models: Sequence[str | Path] = (), lora: str | Path | None = None, duplicates: str = "refuse",
+) -> AuditPlan:
+    """Check every option, apply the whole search config once, load the model(s) and the image sets.
+
+    `settings`: the TestSettings fields as the caller gave them (a search config overrides its own keys).
+    """
+    settings = dict(settings)
+    if search_config is not None:  # the one place a search's choices are applied
+        settings.update(names=search_config.features, access=search_config.access, folds=search_config.folds,
+                        seed=search_config.seed, C=float(search_config.C), penalty=str(search_config.penalty))
+        if search_config.feature_settings:  # e.g. the NO budget the search chose
+            settings["feature_config"] = replace(settings["feature_config"], **search_config.feature_settings)
+        chosen = getattr(search_config, "feature_calibration", None) or {}
+        for key in ("representation", "reference_formula", "difficulty_calibration"):
+            settings[key] = chosen.get(key, settings[key])
+    settings["difficulty_calibration"] = settings["difficulty_calibration"] or DEFAULT_DIFFICULTY
+    _check_options(settings["alpha"], settings["folds"], settings["seed"])
+    if settings["test"] not in TEST_NAMES:
+        raise OptionError(f"--test {settings['test']!r}: choose permutation (exact, default) or welch "
+                          "(the paper's protocol)")
+    if not 0 <= settings["power_resamples"] <= MAX_POWER_RESAMPLES:
+        raise OptionError(f"--power-resamples {settings['power_resamples']}: must lie between 0 and "
+                          f"{MAX_POWER_RESAMPLES:,} (default 100; 0 skips the power curve)")
+    warnings = check_permutations(settings["n_permutations"], settings["alpha"], settings["test"])
+    _check_cache_dir(extraction.cache_dir, extraction.use_cache)
+    settings["names"] = resolve_features(settings["names"], settings["access"])
+    _check_calibration_options(settings["representation"], settings["reference_formula"],
+                               settings["difficulty_calibration"])
+    adapter = load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed, lora=lora)
+    info = adapter.info
+    references, reference_defaulted = load_references(
+        adapter, reference_models, model=model, lora=lora, allow_pickle=allow_pickle,
+        latent_sample_seed=latent_sample_seed)
+    if search_config is not None:
+        from cdi.search import check_references
+
+        check_references(search_config, len(references))
+    if reference_defaulted:
+        log.warning("--lora without --reference-model: the base model %s (without the LoRA) is the reference", model)
+    dropped: list[ImageRecord] = []
+    suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels,
+                                                        duplicates=duplicates, dropped=dropped)
+    suspect_records = apply_conditioning(suspect_records, adapter, prompt, class_label)
+    control_records = apply_conditioning(control_records, adapter, prompt, class_label)
+    excluded: list = []
+    if search_config is not None:
+        from cdi.search import exclude_calibration_images
+
+        suspect_records, control_records, excluded = exclude_calibration_images(
+            suspect_records, control_records, search_config, MIN_SET_SIZE)
+    _check_folds(settings["folds"], len(suspect_records), len(control_records))
+    lora_record = {"path": info.lora, "sha256": info.files.get(f"lora/{Path(lora).name}")} if lora else None
+    return AuditPlan(
+        model=Path(model), suspect=Path(suspect), control=Path(control), adapter=adapter, references=references,
+        reference_defaulted=reference_defaulted, suspect_records=suspect_records, control_records=control_records,
+        excluded=excluded, dropped=dropped, settings=TestSettings(**settings), extraction=extraction,
+        lora_record=lora_record, search_config=search_config, prompt=prompt, class_label=class_label,
+        latent_sample_seed=latent_sample_seed, duplicates=duplicates, warnings=warnings)
+
+
+@dataclass
+class Extracted:
+    """The features of the plan's images on the target and on each reference model (same seeded noise)."""
+
+    target: Any  # cdi.features.extraction.ExtractionReport
+    references: list[Any]
+
+
+def extract_step(plan: AuditPlan) -> Extracted:
+    """Every feature on the target, then on each reference with the same records, names, config and seed,
+    so every noise draw equals the target's (common random numbers)."""
+    s, x = plan.settings, plan.extraction
+
+    def run(adapter: Any, show_progress: bool) -> Any:
+        return extract(
+            adapter, plan.records, s.names, config=s.feature_config, seed=s.seed, batch_size=x.batch_size,
+            device=x.device, progress=show_progress, cache_dir=x.cache_dir, use_cache=x.use_cache,
+            devices=x.devices, num_nodes=x.num_nodes, strategy=x.strategy, precision=x.precision, threads=x.threads,
         )
-    else:
-        headline = (
-            f"**Verdict: not detected.** No significant evidence that the suspect images were used "
-            f"(one-sided p = {result.p_value:.3g} >= alpha = {result.alpha}). This is not proof of non-use."
-        )
-    extras = result.extras
-    warnings = [f"> **Warning.** {w}" for w in extras.get("warnings", [])]
-    null = extras.get("null_check") or {}
-    shift = extras.get("shift_check") or {}
-    checks = []
-    if null:
-        checks.append("| null check (two halves of U) | " + (
-            f"skipped: {null.get('reason')}" if null.get("skipped") else
-            f"p = {null['p_value']:.3g}" + (" **flagged**" if null.get("flagged") else " (ok)")) + " |")
-    if shift:
-        checks.append("| shift guard (image statistics) | " + (
-            f"skipped: {shift.get('reason')}" if shift.get("skipped") else
-            f"AUC {shift['auc']:.2f}, p = {shift['p_value']:.3g}" + (" **flagged**" if shift.get("flagged") else " (ok)"))
-            + " |")
-    if extras.get("welch_p_value") is not None:
-        checks.append(f"| Welch p (paper's protocol) | {extras['welch_p_value']:.3g} |")
-    if extras.get("recommended_n"):
-        checks.append(f"| recommended set size (power 0.8) | {extras['recommended_n']} per side |")
-    return "\n".join(
-        [
-            "# CDI audit",
-            "",
-            headline,
-            "",
-            *[line for w in warnings for line in (w, "")],
-            "| | |",
-            "|---|---|",
-            f"| model | `{result.model_path}` |",
-            f"| model fingerprint | `{result.model_fingerprint}` |",
-            *([f"| LoRA | `{lora['path']}` |"] if (lora := extras.get("lora")) else []),
-            *[f"| reference model {k} | `{ref['path']}` (`{ref['fingerprint'][:12]}`) |"
-              for k, ref in enumerate(extras.get("reference_models") or [], start=1)],
-            *([f"| calibration | {cal['representation']}"
-               + (f" ({cal['reference_formula']})" if cal.get("reference_formula") else "")
-               + f", difficulty {cal['difficulty_calibration']} |"] if (cal := extras.get("calibration")) else []),
-            f"| suspect / control images | {result.n_suspect} / {result.n_control} |",
-            f"| test | {result.test}, Welch t = {result.statistic:.3f} |",
-            f"| AUC of out-of-fold scores | {result.auc:.3f} |",
-            f"| access / features | {result.access} / {len(result.features)} |",
-            f"| seed / folds | {result.seed} / {result.folds} |",
-            *checks,
-            *([f"| left out (search calibration data) | {held['suspect']} / {held['control']} "
-               f"(search run {held['search_run_id']}) |"] if (held := extras.get("excluded_calibration_images")) else []),
-            "",
-            "The p-value is valid only if the control images are i.i.d. with the suspect images "
-            "(same source, camera, period and processing). A distribution shift between the two sets "
-            "can produce a 'used' verdict without training.",
-        ]
+
+    show = x.progress and worker_rank() == 0
+    return Extracted(run(plan.adapter, show), [run(reference, show) for reference in plan.references])
+
+
+@dataclass
+class Assessed:
+    calibrated: Any  # cdi.stats.difficulty.Calibrated: what the scorer saw
+    found: Any  # cdi.stats.assessment.Assessment
+
+
+def assess_step(plan: AuditPlan, extracted: Extracted) -> Assessed:
+    """Calibrate the features (reference models, difficulty), then cross-fit, test and check."""
+    s, info, records = plan.settings, plan.adapter.info, plan.records
+    calibrated = calibrate(
+        extracted.target.values, [e.values for e in extracted.references], s.names,
+        difficulty_covariates_of(records, info.image_size, info.image_channels)
+        if s.difficulty_calibration != "off" else None,
+        representation=s.representation, formula=s.reference_formula, difficulty=s.difficulty_calibration,
     )
+    found = assess(
+        calibrated.values, plan.labels, _image_statistics(records, plan.adapter, plan.extraction.batch_size),
+        calibrated.names, alpha=s.alpha, folds=s.folds, seed=s.seed, test=s.test, n_permutations=s.n_permutations,
+        power_resamples=s.power_resamples, C=s.C, penalty=s.penalty,
+    )
+    return Assessed(calibrated, found)
+
+
+def result_of(plan: AuditPlan, assessed: Assessed, run_id: str, uri: str) -> AuditResult:
+    """The AuditResult of an assessed plan."""
+    s, fitted, search = plan.settings, assessed.found.test, plan.search_config
+    evidence = evidence_fields(assessed.found, assessed.calibrated.names)
+    excluded = plan.excluded
+    return AuditResult(
+        p_value=float(fitted.p_value_),
+        verdict=str(fitted.verdict_),
+        alpha=s.alpha,
+        n_suspect=len(plan.suspect_records),
+        n_control=len(plan.control_records),
+        test=assessed.found.test_name,
+        statistic=float(fitted.statistic_),
+        df=float(fitted.df_),
+        auc=float(fitted.auc_),
+        access=s.access,
+        features=list(s.names),
+        seed=s.seed,
+        folds=s.folds,
+        model_path=str(plan.model.resolve()),
+        model_fingerprint=plan.adapter.info.fingerprint,
+        run_id=run_id,
+        tracking_uri=tracking.redact_uri(uri),
+        experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
+        extras={
+            **evidence,
+            "warnings": [*evidence["warnings"], *verdict_warnings(
+                evidence, verdict=str(fitted.verdict_), test=s.test, n_suspect=len(plan.suspect_records),
+                n_control=len(plan.control_records), permutation_warnings=plan.warnings,
+                dropped_duplicates=len(plan.dropped))],
+            **({"duplicates_dropped": [{"set": r.role, "path": printable_path(r.path), "sha256": r.sha256}
+                                       for r in plan.dropped]} if plan.dropped else {}),
+            "reference_models": plan.recorded_references,
+            "calibration": assessed.calibrated.describe(),
+            **({"lora": plan.lora_record} if plan.lora_record else {}),
+            "report_artifact": REPORT_ARTIFACT,
+            "manifest_artifact": MANIFEST_ARTIFACT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **({"excluded_calibration_images": {
+                "suspect": sum(r.role == "suspect" for r in excluded),
+                "control": sum(r.role == "control" for r in excluded),
+                "search_run_id": search.search_run_id}} if excluded else {}),
+        },
+    )
+
+
+def features_table(plan: AuditPlan, extracted: Extracted, assessed: Assessed) -> Any:
+    """features.csv: one row per image with its raw, reference and scored features and out-of-fold score."""
+    import pandas as pd
+
+    records, names = plan.records, list(plan.settings.names)
+    table = pd.DataFrame({
+        "file_name": [printable_path(r.name) for r in records],
+        "path": [printable_path(r.path) for r in records],
+        "sha256": [r.sha256 for r in records],
+        "set": [r.role for r in records],
+    })
+    columns = [pd.DataFrame(extracted.target.values, columns=names)]
+    for k, reference in enumerate(extracted.references, start=1):
+        columns.append(pd.DataFrame(reference.values, columns=[f"ref{k}:{n}" for n in names]))
+    if assessed.calibrated.names != names:
+        columns.append(pd.DataFrame(assessed.calibrated.values, columns=assessed.calibrated.names))
+    table = pd.concat([table, *columns], axis=1)
+    table["oof_score"] = assessed.found.test.scores_
+    return table
+
+
+def audit_metrics(plan: AuditPlan, extracted: Extracted, result: AuditResult, assessed: Assessed) -> dict[str, float]:
+    extras, fitted, labels = result.extras, assessed.found.test, plan.labels
+    target, references = extracted.target, extracted.references
+    return {
+        "p_value": result.p_value,
+        "t_statistic": result.statistic,
+        "auc": result.auc,
+        **({"df": result.df} if np.isfinite(result.df) else {}),
+        "welch_p_value": extras["welch_p_value"],
+        "effect_size": extras["effect_size"]["value"],
+        **({"null_check_p_value": extras["null_check"]["p_value"]} if not extras["null_check"]["skipped"] else {}),
+        **({"shift_auc": extras["shift_check"]["auc"], "shift_p_value": extras["shift_check"]["p_value"]}
+           if not extras["shift_check"]["skipped"] else {}),
+        **({"recommended_n": extras["recommended_n"]} if extras["recommended_n"] is not None else {}),
+        "mean_score_suspect": float(fitted.scores_[labels == 1].mean()),
+        "mean_score_control": float(fitted.scores_[labels == 0].mean()),
+        "extraction_seconds": target.seconds,
+        "cache_hits": target.cache_hits,
+        "cache_misses": target.cache_misses,
+        **({"images_per_second": target.images_per_second} if target.cache_misses else {}),
+        **{f"seconds.{family}": sec for family, sec in target.family_seconds.items()},
+        **({"reference_cache_hits": sum(e.cache_hits for e in references),
+            "reference_cache_misses": sum(e.cache_misses for e in references),
+            "reference_extraction_seconds": sum(e.seconds for e in references)} if references else {}),
+    }
+
+
+def audit_manifest(plan: AuditPlan, configuration: dict[str, Any]) -> dict[str, Any]:
+    info, suspect, control = plan.adapter.info, plan.suspect, plan.control
+
+    def entries(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
+        return [*image_entries([r for r in records if r.role == "suspect"], suspect),
+                *image_entries([r for r in records if r.role == "control"], control)]
+
+    return build_manifest(
+        plan.model.resolve(), info.fingerprint, info.files, image_entries(plan.suspect_records, suspect),
+        image_entries(plan.control_records, control), configuration, _versions(),
+        excluded_images=[*entries(plan.excluded), *({**entry, "reason": "duplicate"} for entry in entries(plan.dropped))],
+        reference_models=[{**entry, "files": dict(sorted(r.info.files.items()))}
+                          for entry, r in zip(plan.recorded_references, plan.references)],
+        metadata=image_metadata(suspect, control),
+    )
+
+
+def open_record(plan: AuditPlan, configuration: dict[str, Any]) -> None:
+    """The run's identifying tags and its params, written before extraction so a stopped audit is findable."""
+    tracking.set_tags({
+        "cdi.model_fingerprint": plan.adapter.info.fingerprint, "cdi.status": "extracting",
+        **({"cdi.reference_fingerprints": ",".join(configuration["reference_fingerprints"])} if plan.references else {}),
+        **({"cdi.search_run_id": str(plan.search_config.search_run_id)} if plan.search_config is not None else {}),
+    })
+    tracking.log_params({**configuration, **_versions()})
+
+
+def record_step(plan: AuditPlan, extracted: Extracted, assessed: Assessed, configuration: dict[str, Any],
+                run_id: str, uri: str) -> AuditResult:
+    """Metrics, tags, the per-image table, result JSON, manifest, summary and report of the run."""
+    from cdi.report import summary_markdown
+
+    result = result_of(plan, assessed, run_id, uri)
+    table = features_table(plan, extracted, assessed)
+    tracking.log_metrics(audit_metrics(plan, extracted, result, assessed))
+    manifest = audit_manifest(plan, configuration)
+    extras = result.extras
+    tracking.set_tags({
+        "cdi.verdict": result.verdict,
+        "cdi.status": "done",
+        "cdi.null_check_flagged": str(extras["null_check"]["flagged"]).lower(),
+        "cdi.shift_flagged": str(extras["shift_check"]["flagged"]).lower(),
+    })
+    tracking.log_evidence(result.to_dict(), table, summary_markdown(result), manifest, _report(result, table))
+    return result
 
 
 def audit(
@@ -407,9 +715,10 @@ def audit(
     """Audit `model` for use of the `suspect` images against the `control` images.
 
     Returns None in a non-zero rank of a multi-process launch (rank 0 returns the result).
-    `search_config` (a `cdi.search.SearchConfig`): the search this audit's settings come from; its run id
-    is recorded, its C, penalty and feature settings are applied, and its calibration images are left
-    out (held out of this P and U) or refused (a reference model's), see `cdi.search.config`.
+    `search_config` (a `cdi.search.SearchConfig`): the search this audit's settings come from, applied whole
+    (features, access, folds, seed, C, penalty, feature settings and calibration replace those arguments),
+    as `cdi audit --config` does; its run id is recorded, and its calibration images are left out (held
+    out of this P and U) or refused (a reference model's), see `cdi.search.config`.
 
     `reference_models`: models not trained on P or U (e.g. the base of a fine-tune), queried with the same
     seeded noise; `representation` says what the scorer gets (raw, calibrated or both, formula
@@ -418,239 +727,35 @@ def audit(
     ("image" or "off"; default DEFAULT_DIFFICULTY): regress the features on label-free image covariates.
     `duplicates`: "refuse" (default) any picture found more than once (exact or near copies, `cdi.data.duplicates`),
     or "keep-one": keep the first copy of each picture within a set (a picture in both sets is always refused).
+
+    The steps: plan (check and load everything), extract, assess, record; each is a function of this module.
     """
-    import pandas as pd
-
-    _check_options(alpha, folds, seed)
-    if test not in TEST_NAMES:
-        raise OptionError(f"--test {test!r}: choose permutation (exact, default) or welch (the paper's protocol)")
-    if not 0 <= power_resamples <= MAX_POWER_RESAMPLES:
-        raise OptionError(f"--power-resamples {power_resamples}: must lie between 0 and {MAX_POWER_RESAMPLES:,} "
-                          "(default 100; 0 skips the power curve)")
-    permutation_warnings = check_permutations(n_permutations, alpha, test)
-    _check_cache_dir(cache_dir, use_cache)
-    names = resolve_features(features, access)
-    feature_config = feature_config or FeatureConfig()
-    if search_config is not None:
-        chosen = getattr(search_config, "feature_calibration", None) or {}  # what the search chose, if it did
-        representation = chosen.get("representation", representation)
-        reference_formula = chosen.get("reference_formula", reference_formula)
-        difficulty_calibration = chosen.get("difficulty_calibration", difficulty_calibration)
-    difficulty_calibration = difficulty_calibration or DEFAULT_DIFFICULTY
-    _check_calibration_options(representation, reference_formula, difficulty_calibration)
-    adapter = load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed, lora=lora)
-    info = adapter.info
-    references, reference_defaulted = load_references(
-        adapter, reference_models, model=model, lora=lora, allow_pickle=allow_pickle,
-        latent_sample_seed=latent_sample_seed)
-    if search_config is not None:
-        from cdi.search import check_references
-
-        check_references(search_config, len(references))
-    if reference_defaulted:
-        log.warning("--lora without --reference-model: the base model %s (without the LoRA) is the reference", model)
-    dropped: list[ImageRecord] = []
-    suspect_records, control_records = build_image_sets(suspect, control, info.image_size, info.image_channels,
-                                                        duplicates=duplicates, dropped=dropped)
-    suspect_records = apply_conditioning(suspect_records, adapter, prompt, class_label)
-    control_records = apply_conditioning(control_records, adapter, prompt, class_label)
-    excluded: list = []
-    if search_config is not None:
-        from cdi.search import exclude_calibration_images
-
-        suspect_records, control_records, excluded = exclude_calibration_images(
-            suspect_records, control_records, search_config, MIN_SET_SIZE)
-        C, penalty = float(search_config.C), str(search_config.penalty)
-        if search_config.feature_settings:  # e.g. the NO budget the search chose
-            feature_config = replace(feature_config, **search_config.feature_settings)
-    records = [*suspect_records, *control_records]
-    _check_folds(folds, len(suspect_records), len(control_records))
-
-    def run_extraction(show_progress: bool, cached: bool, model_adapter: Any = adapter):
-        return extract(
-            model_adapter, records, names, config=feature_config, seed=seed, batch_size=batch_size, device=device,
-            progress=show_progress, cache_dir=cache_dir, use_cache=cached, devices=devices, num_nodes=num_nodes,
-            strategy=strategy, precision=precision, threads=threads,
-        )
-
+    settings = dict(names=features, access=access, feature_config=feature_config or FeatureConfig(), seed=seed,
+                    alpha=alpha, folds=folds, C=C, penalty=penalty, test=test, n_permutations=n_permutations,
+                    power_resamples=power_resamples, representation=representation,
+                    reference_formula=reference_formula, difficulty_calibration=difficulty_calibration)
+    options = ExtractionOptions(batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir,
+                                use_cache=use_cache, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                                precision=precision, threads=threads)
+    plan = plan_audit(model, suspect, control, settings, options, search_config=search_config,
+                      allow_pickle=allow_pickle, prompt=prompt, class_label=class_label,
+                      latent_sample_seed=latent_sample_seed, reference_models=reference_models, lora=lora,
+                      duplicates=duplicates)
     if worker_rank() > 0:
         # A launcher (Lightning's ddp, torchrun, SLURM) started this process as one more rank: it only
         # computes its share of the features into the shared cache; rank 0 scores and logs the audit.
-        for model_adapter in (adapter, *references):
-            run_extraction(show_progress=False, cached=True, model_adapter=model_adapter)
+        extract_step(plan)
         return None
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    labels = np.array([1] * len(suspect_records) + [0] * len(control_records))
-    recorded_references = reference_entries(references, reference_defaulted)
-    lora_record = {"path": info.lora, "sha256": info.files.get(f"lora/{Path(lora).name}")} if lora else None
-
-    configuration = {
-        "model_path": str(Path(model).resolve()),
-        "model_fingerprint": info.fingerprint,
-        "pipeline_class": info.pipeline_class,
-        "conditioning": info.conditioning,
-        "prompt": prompt,
-        "class_label": class_label,
-        "latent_sample_seed": latent_sample_seed,
-        "n_suspect": len(suspect_records),
-        "n_control": len(control_records),
-        "images_sha256": images_digest(records),
-        "access": access,
-        "features": list(names),
-        "seed": seed,
-        "alpha": alpha,
-        "folds": folds,
-        "C": C,
-        "penalty": penalty,
-        "test": TEST_NAMES[test],
-        "n_permutations": n_permutations if test == "permutation" else None,
-        "power_resamples": power_resamples,
-        "batch_size": batch_size,
-        "devices": devices,
-        "num_nodes": num_nodes,
-        "precision": precision,
-        "threads": threads or None,
-        **{f"feature.{key}": value for key, value in feature_config.to_dict().items()},
-        "suspect_path": str(Path(suspect).resolve()),
-        "control_path": str(Path(control).resolve()),
-        "duplicates": duplicates,
-        "duplicates_dropped": len(dropped),
-        **({"cdi.search_run_id": search_config.search_run_id, "search.C": search_config.C,
-            "search.penalty": search_config.penalty, "search.excluded_images": len(excluded)}
-           if search_config is not None else {}),
-        **({"lora_path": lora_record["path"], "lora_sha256": lora_record["sha256"]} if lora_record else {}),
-        "reference_models": [entry["path"] for entry in recorded_references],
-        "reference_fingerprints": [entry["fingerprint"] for entry in recorded_references],
-        "calibration.representation": representation if references else "raw",
-        "calibration.reference_formula": reference_formula if references else None,
-        "calibration.difficulty": difficulty_calibration,
-    }
+    configuration = plan.configuration()
     # audit_run connects first (an unreachable store fails before any model pass), checks that a resumed
     # run audited this model, these images and settings, and that the artifact store takes a file.
     with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}",
                             resume_run_id=resume_run_id, expected_params=configuration) as run_id:
-        tracking.set_tags({"cdi.model_fingerprint": info.fingerprint, "cdi.status": "extracting",
-                           **({"cdi.reference_fingerprints": ",".join(e["fingerprint"] for e in recorded_references)}
-                              if references else {}),
-                           **({"cdi.search_run_id": str(search_config.search_run_id)} if search_config is not None else {})})
-        tracking.log_params({**configuration, **_versions()})
-        extraction = run_extraction(show_progress=progress, cached=use_cache)
-        # Same records, names, config and seed: every noise draw equals the target's (common random numbers).
-        reference_extractions = [run_extraction(show_progress=progress, cached=use_cache, model_adapter=r)
-                                 for r in references]
-        X = extraction.values
+        open_record(plan, configuration)
+        extracted = extract_step(plan)
         tracking.set_tags({"cdi.status": "scoring"})
-        calibrated = calibrate(
-            X, [e.values for e in reference_extractions], names,
-            difficulty_covariates_of(records, info.image_size, info.image_channels)
-            if difficulty_calibration != "off" else None,
-            representation=representation, formula=reference_formula, difficulty=difficulty_calibration,
-        )
-        scored_names = calibrated.names
-        found = assess(
-            calibrated.values, labels, _image_statistics(records, adapter, batch_size), scored_names, alpha=alpha,
-            folds=folds, seed=seed, test=test, n_permutations=n_permutations, power_resamples=power_resamples, C=C,
-            penalty=penalty,
-        )
-        fitted = found.test
-        result = AuditResult(
-            p_value=float(fitted.p_value_),
-            verdict=str(fitted.verdict_),
-            alpha=alpha,
-            n_suspect=len(suspect_records),
-            n_control=len(control_records),
-            test=found.test_name,
-            statistic=float(fitted.statistic_),
-            df=float(fitted.df_),
-            auc=float(fitted.auc_),
-            access=access,
-            features=list(names),
-            seed=seed,
-            folds=folds,
-            model_path=str(Path(model).resolve()),
-            model_fingerprint=info.fingerprint,
-            run_id=run_id,
-            tracking_uri=tracking.redact_uri(uri),
-            experiment=tracking.experiment_name(run_id),  # `mlflow run` chooses its own experiment
-            extras={
-                **(evidence := evidence_fields(found, scored_names)),
-                "warnings": [*evidence["warnings"], *verdict_warnings(
-                    evidence, verdict=str(fitted.verdict_), test=test, n_suspect=len(suspect_records),
-                    n_control=len(control_records), permutation_warnings=permutation_warnings,
-                    dropped_duplicates=len(dropped))],
-                **({"duplicates_dropped": [{"set": r.role, "path": printable_path(r.path), "sha256": r.sha256}
-                                           for r in dropped]} if dropped else {}),
-                "reference_models": recorded_references,
-                "calibration": calibrated.describe(),
-                **({"lora": lora_record} if lora_record else {}),
-                "report_artifact": REPORT_ARTIFACT,
-                "manifest_artifact": MANIFEST_ARTIFACT,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                **({"excluded_calibration_images": {
-                    "suspect": sum(r.role == "suspect" for r in excluded),
-                    "control": sum(r.role == "control" for r in excluded),
-                    "search_run_id": search_config.search_run_id}} if excluded else {}),
-            },
-        )
-        table = pd.DataFrame(
-            {
-                "file_name": [printable_path(r.name) for r in records],
-                "path": [printable_path(r.path) for r in records],
-                "sha256": [r.sha256 for r in records],
-                "set": [r.role for r in records],
-            }
-        )
-        columns = [pd.DataFrame(X, columns=list(names))]
-        for k, reference_extraction in enumerate(reference_extractions, start=1):
-            columns.append(pd.DataFrame(reference_extraction.values, columns=[f"ref{k}:{n}" for n in names]))
-        if scored_names != list(names):
-            columns.append(pd.DataFrame(calibrated.values, columns=scored_names))
-        table = pd.concat([table, *columns], axis=1)
-        table["oof_score"] = fitted.scores_
-        extras = result.extras
-        tracking.log_metrics(
-            {
-                "p_value": result.p_value,
-                "t_statistic": result.statistic,
-                "auc": result.auc,
-                **({"df": result.df} if np.isfinite(result.df) else {}),
-                "welch_p_value": extras["welch_p_value"],
-                "effect_size": extras["effect_size"]["value"],
-                **({"null_check_p_value": extras["null_check"]["p_value"]} if not extras["null_check"]["skipped"] else {}),
-                **({"shift_auc": extras["shift_check"]["auc"], "shift_p_value": extras["shift_check"]["p_value"]}
-                   if not extras["shift_check"]["skipped"] else {}),
-                **({"recommended_n": extras["recommended_n"]} if extras["recommended_n"] is not None else {}),
-                "mean_score_suspect": float(fitted.scores_[labels == 1].mean()),
-                "mean_score_control": float(fitted.scores_[labels == 0].mean()),
-                "extraction_seconds": extraction.seconds,
-                "cache_hits": extraction.cache_hits,
-                "cache_misses": extraction.cache_misses,
-                **({"images_per_second": extraction.images_per_second} if extraction.cache_misses else {}),
-                **{f"seconds.{family}": sec for family, sec in extraction.family_seconds.items()},
-                **({"reference_cache_hits": sum(e.cache_hits for e in reference_extractions),
-                    "reference_cache_misses": sum(e.cache_misses for e in reference_extractions),
-                    "reference_extraction_seconds": sum(e.seconds for e in reference_extractions)}
-                   if references else {}),
-            }
-        )
-        manifest = build_manifest(
-            Path(model).resolve(), info.fingerprint, info.files, image_entries(suspect_records, suspect),
-            image_entries(control_records, control), configuration, _versions(),
-            excluded_images=[*image_entries([r for r in excluded if r.role == "suspect"], suspect),
-                             *image_entries([r for r in excluded if r.role == "control"], control),
-                             *({**entry, "reason": "duplicate"} for entry in
-                               [*image_entries([r for r in dropped if r.role == "suspect"], suspect),
-                                *image_entries([r for r in dropped if r.role == "control"], control)])],
-            reference_models=[{**entry, "files": dict(sorted(r.info.files.items()))}
-                              for entry, r in zip(recorded_references, references)],
-            metadata=image_metadata(suspect, control),
-        )
-        tracking.set_tags({
-            "cdi.verdict": result.verdict,
-            "cdi.status": "done",
-            "cdi.null_check_flagged": str(extras["null_check"]["flagged"]).lower(),
-            "cdi.shift_flagged": str(extras["shift_check"]["flagged"]).lower(),
-        })
-        tracking.log_evidence(result.to_dict(), table, summary_markdown(result), manifest, _report(result, table))
+        assessed = assess_step(plan, extracted)
+        result = record_step(plan, extracted, assessed, configuration, run_id, uri)
     log.info("audit %s: verdict %s, p = %.3g", run_id, result.verdict, result.p_value)
     return result

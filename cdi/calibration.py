@@ -26,10 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _figures(result: CalibrationResult, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     for rows, key, name, label in (
         (result.power_vs_n, "n", "power_vs_n.png", "images per side"),
@@ -37,7 +34,8 @@ def _figures(result: CalibrationResult, folder: Path) -> None:
     ):
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
         ax.plot([r[key] for r in rows], [r["power"] for r in rows], marker="o")
         ax.axhline(0.8, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel(label)
@@ -45,7 +43,6 @@ def _figures(result: CalibrationResult, folder: Path) -> None:
         ax.set_ylim(0, 1.02)
         fig.tight_layout()
         fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
 
 
 def run_calibration(

@@ -278,10 +278,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
     _check_output_path(args.output)
     _set_threads(args.threads)
-    search_config = _search_config(args)
-    if search_config is not None:
-        args.features, args.access = search_config.features, search_config.access
-        args.folds, args.seed = search_config.folds, search_config.seed
+    search_config = _search_config(args)  # audit() applies it whole: features, access, folds, seed, scorer, ...
     result = audit(
         args.model,
         args.suspect,

@@ -13,7 +13,7 @@ from builders import save_pipeline, tiny_unet
 from cdi.audit import audit
 from cdi.cli import main
 
-FAST = dict(access="gray", progress=False, n_permutations=99, power_resamples=0)
+FAST = dict(access="gray", progress=False, n_permutations=100, power_resamples=0)
 
 
 @pytest.fixture(scope="module")

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from cdi.report._page import render_report, write_report
+from cdi.report.summary import summary_markdown
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["render_report", "summary_markdown", "write_report"]

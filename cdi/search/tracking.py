@@ -72,10 +72,7 @@ def log_trials(parent_run_id: str, trials: Sequence[Any], objective_names: Seque
 
 
 def _figures(study: Any, folder: Path, objective_names: Sequence[str]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     import optuna
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -88,7 +85,8 @@ def _figures(study: Any, folder: Path, objective_names: Sequence[str]) -> list[P
     for v in values:
         running = max(running, v)
         best.append(running)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig = Figure(figsize=(5.5, 3.4))
+    ax = fig.subplots()
     ax.scatter(numbers, values, s=12, label="trial")
     ax.step(numbers, best, where="post", color="C3", label="best so far")
     ax.set_xlabel("trial")
@@ -97,7 +95,6 @@ def _figures(study: Any, folder: Path, objective_names: Sequence[str]) -> list[P
     fig.tight_layout()
     written.append(folder / "optimization_history.png")
     fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
 
     try:
         # The default evaluator (PED-ANOVA) ranks params by how they reach *low* target values: with two
@@ -111,17 +108,18 @@ def _figures(study: Any, folder: Path, objective_names: Sequence[str]) -> list[P
         importances = {}
     if importances:
         names = list(importances)[::-1]
-        fig, ax = plt.subplots(figsize=(5.5, 0.25 * len(names) + 1.2))
+        fig = Figure(figsize=(5.5, 0.25 * len(names) + 1.2))
+        ax = fig.subplots()
         ax.barh(names, [importances[n] for n in names])
         ax.set_xlabel(f"importance for {objective_names[0]} (Optuna's default evaluator)")
         fig.tight_layout()
         written.append(folder / "param_importances.png")
         fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
 
     if len(study.directions) > 1:
         front = {t.number for t in study.best_trials}
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        fig = Figure(figsize=(5.5, 3.4))
+        ax = fig.subplots()
         ax.scatter([t.values[1] for t in done], values, s=12, color="grey", label="trial")
         pareto = sorted((t for t in done if t.number in front), key=lambda t: t.values[1])
         ax.plot([t.values[1] for t in pareto], [t.values[0] for t in pareto], marker="o", color="C3",
@@ -132,7 +130,6 @@ def _figures(study: Any, folder: Path, objective_names: Sequence[str]) -> list[P
         fig.tight_layout()
         written.append(folder / "pareto_front.png")
         fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
     return written
 
 
