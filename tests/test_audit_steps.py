@@ -1,0 +1,44 @@
+"""The audit's top layer (issue 15): one place applies a search config, so the Python API and the CLI agree."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from cdi.audit import audit, plan_audit, ExtractionOptions
+from cdi.cli import main
+from cdi.features import FeatureConfig
+from cdi.search import SearchConfig
+
+CONFIG = {"features": ["DL", "SecMI"], "C": 0.5, "penalty": "l2", "folds": 4, "access": "gray", "seed": 3,
+          "feature_settings": {"dl_draws": 2}}
+
+
+def test_audit_with_a_search_config_from_python_equals_cdi_audit_with_config(tiny_model, image_sets, tracking_uri,
+                                                                            tmp_path):
+    path = tmp_path / "best_config.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    output = tmp_path / "cli.json"
+    assert main(["audit", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control",
+                 str(image_sets[1]), "--config", str(path), "--permutations", "200", "--power-resamples", "0",
+                 "--no-progress", "--output", str(output)]) == 0
+    cli = json.loads(output.read_text())
+    # The Python caller passes only the config: its features, access, folds, seed, C and settings apply.
+    api = audit(tiny_model, *image_sets, search_config=SearchConfig.read(path), n_permutations=200,
+                power_resamples=0, progress=False).to_dict()
+    for key in ("p_value", "statistic", "auc", "features", "access", "seed", "folds", "coefficients", "feature_auc"):
+        assert api[key] == cli[key], key
+    assert cli["features"] == ["DL", "SecMI"] and cli["seed"] == 3 and cli["folds"] == 4
+
+
+def test_the_plan_applies_the_whole_config_before_any_model_pass_or_tracking_call(tiny_model, image_sets, tmp_path):
+    settings = dict(names=None, access="white", feature_config=FeatureConfig(), seed=0, alpha=0.01, folds=5, C=1.0,
+                    penalty="l2", test="permutation", n_permutations=1000, power_resamples=0,
+                    representation="calibrated", reference_formula="difference", difficulty_calibration=None)
+    plan = plan_audit(tiny_model, *image_sets, settings, ExtractionOptions(cache_dir=tmp_path),
+                      search_config=SearchConfig.from_dict(CONFIG))
+    s = plan.settings
+    assert (s.names, s.access, s.folds, s.seed, s.C, s.feature_config.dl_draws) == (("DL", "SecMI"), "gray", 4, 3, 0.5, 2)
+    assert plan.configuration()["feature.dl_draws"] == 2
+    assert not list(tmp_path.rglob("shard-*.npz"))
