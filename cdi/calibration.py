@@ -23,6 +23,8 @@ from cdi.models import load_model
 from cdi.stats.calibration import CalibrationResult, calibrate_features
 
 log = logging.getLogger(__name__)
+#: Folds of each simulated audit (calibrate_features' default).
+NULL_AUDIT_FOLDS = 5
 
 
 def _figures(result: CalibrationResult, folder: Path) -> None:
@@ -70,6 +72,10 @@ def run_calibration(
     shared = {r.sha256 for r in member_records} & {r.sha256 for r in nonmember_records}
     if shared:
         raise ImageSetError(f"{len(shared)} image(s) are both members and non-members; the sets must be disjoint")
+    needed = 4 * NULL_AUDIT_FOLDS  # two disjoint null halves of 2 x folds images (cdi.stats.calibration)
+    if len(nonmember_records) < needed:  # known before any model pass
+        raise ImageSetError(f"--nonmembers: {len(nonmember_records)} non-member image(s); null audits need at least "
+                            f"{needed} (two disjoint halves of {needed // 2}); add non-member images")
     check_decodable([*member_records, *nonmember_records], info.image_size, info.image_channels)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.connect(uri, experiment)

@@ -595,7 +595,8 @@ def experiment_name(run_id: str) -> str:
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    """Log params; keys that `mlflow run` already logged from the MLproject keep their value.
+    """Log params; keys that `mlflow run` already logged from the MLproject keep their value, and a value
+    of None (an option not given, a setting that does not apply) is not logged at all.
 
     Values are stored without the tracking URI's secrets (see `redact_text`).
     """
@@ -604,7 +605,8 @@ def log_params(params: Mapping[str, Any]) -> None:
     run = mlflow.active_run()
     existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params if run else {}
     uri = mlflow.get_tracking_uri()
-    mlflow.log_params({key: _stored_param(value, uri) for key, value in params.items() if key not in existing})
+    mlflow.log_params({key: _stored_param(value, uri) for key, value in params.items()
+                       if key not in existing and value is not None})
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:

@@ -55,9 +55,17 @@ def calibrate_features(
 ) -> CalibrationResult:
     rng = np.random.default_rng(random_state)
     n_m, n_n = len(X_members), len(X_nonmembers)
+    from cdi.errors import ImageSetError, OptionError
+
+    given = null_size is not None
     null_size = null_size or min(50, n_n // 2)
+    if given and (null_size < 2 * folds or 2 * null_size > n_n):
+        raise OptionError(f"null_size {null_size}: each null audit takes two disjoint sets of null_size non-members "
+                          f"with at least {2 * folds} images each, so it must lie between {2 * folds} and {n_n // 2} "
+                          f"for {n_n} non-members")
     if null_size < 2 * folds:
-        raise ValueError(f"need at least {4 * folds} non-members for null audits, got {n_n}")
+        raise ImageSetError(f"--nonmembers: {n_n} non-member image(s); null audits need at least {4 * folds} "
+                            f"(two disjoint halves of {2 * folds}); add non-member images")
     result = CalibrationResult(settings={
         "n_null": n_null, "null_size": null_size, "alphas": list(alphas), "n_resamples": n_resamples,
         "tests": list(tests), "n_permutations": n_permutations, "folds": folds, "random_state": random_state,
