@@ -524,7 +524,7 @@ def assess_step(plan: AuditPlan, extracted: Extracted) -> Assessed:
     )
     found = assess(
         calibrated.values, plan.labels, _image_statistics(records, plan.adapter, plan.extraction.batch_size),
-        calibrated.names, alpha=s.alpha, folds=s.folds, seed=s.seed, test=s.test, n_permutations=s.n_permutations,
+        alpha=s.alpha, folds=s.folds, seed=s.seed, test=s.test, n_permutations=s.n_permutations,
         power_resamples=s.power_resamples, C=s.C, penalty=s.penalty,
     )
     return Assessed(calibrated, found)

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from cdi.errors import CDIError, Interrupted, OptionError
+from cdi.options import comma_list as _features
+from cdi.options import count as _count
+from cdi.options import positive_int as _positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,28 +24,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
-
-
-def _positive_int(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    """Integer option; MLflow passes numeric project parameters as floats such as '2.0'."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    return int(value)
-
-
-def _features(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:

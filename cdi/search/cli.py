@@ -6,14 +6,8 @@ import argparse
 from pathlib import Path
 
 
-def _count(text: str) -> int:
-    from cdi.cli import _count as count
-
-    return count(text)
-
-
-def _folders(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+from cdi.options import comma_list as _folders
+from cdi.options import count as _count
 
 
 def add_search_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -41,7 +41,6 @@ def assess(
     X: np.ndarray,
     labels: np.ndarray,
     image_stats: np.ndarray | None,
-    feature_names: Sequence[str],
     *,
     alpha: float = 0.01,
     folds: int = 5,

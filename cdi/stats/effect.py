@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from cdi.stats.scoring import _FeatureValueError, _is_positive_integer, _OptionValueError
+from cdi.stats.scoring import FeatureValueError, is_positive_integer, OptionValueError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +49,7 @@ def _hedges_g_rows(suspect: np.ndarray, control: np.ndarray) -> np.ndarray:
 def _check_scores(scores, name: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=float)
     if scores.ndim != 1 or scores.size < 2 or not np.isfinite(scores).all():
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"{name} must be a 1-D array of at least 2 finite scores, got shape {scores.shape}"
         )
     return scores
@@ -76,10 +76,10 @@ def effect_size(
     """
     suspect = _check_scores(scores_suspect, "scores_suspect")
     control = _check_scores(scores_control, "scores_control")
-    if not _is_positive_integer(n_resamples):
-        raise _OptionValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if not is_positive_integer(n_resamples):
+        raise OptionValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
     if not 0.0 < confidence < 1.0:
-        raise _OptionValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise OptionValueError(f"confidence must be in (0, 1), got {confidence!r}")
     rng = np.random.default_rng(random_state)
     resampled_suspect = suspect[rng.integers(0, suspect.size, (n_resamples, suspect.size))]
     resampled_control = control[rng.integers(0, control.size, (n_resamples, control.size))]
@@ -103,13 +103,13 @@ def per_feature_auc(X, y) -> np.ndarray:
     X = np.asarray(X, dtype=float)
     y = np.asarray(y)
     if X.ndim != 2 or y.shape != (X.shape[0],):
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"X must be (n_images, n_features) and y (n_images,), got {X.shape} and {y.shape}"
         )
     suspect = y == 1
     n_suspect, n_control = int(suspect.sum()), int((y == 0).sum())
     if n_suspect + n_control != y.size or n_suspect == 0 or n_control == 0:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             "y must hold 1 for suspect (P) and 0 for control (U), both present"
         )
     ranks = stats.rankdata(X, axis=0)

@@ -17,12 +17,12 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import roc_auc_score
 
 from cdi.stats.effect import effect_size, per_feature_auc
-from cdi.stats.permutation import _check_permutation_options, cross_fitted_permutation_test
+from cdi.stats.permutation import check_permutation_options, cross_fitted_permutation_test
 from cdi.stats.scoring import (
     CrossFittedScorer,
-    _check_alpha,
-    _FeatureValueError,
-    _OptionValueError,
+    check_alpha,
+    FeatureValueError,
+    OptionValueError,
 )
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,12 @@ class TestResult:
 def _check_scores(scores, name: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=float)
     if scores.ndim != 1 or scores.size < 2:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"{name} must be a 1-D array of at least 2 scores, got shape {scores.shape}"
         )
     if not np.isfinite(scores).all():
         bad = np.flatnonzero(~np.isfinite(scores))
-        raise _FeatureValueError(f"{name} has non-finite values at positions {bad[:5].tolist()}")
+        raise FeatureValueError(f"{name} has non-finite values at positions {bad[:5].tolist()}")
     return scores
 
 
@@ -128,13 +128,13 @@ class DatasetInferenceTest(BaseEstimator):
         self.n_permutations = n_permutations
         self.n_jobs = n_jobs
 
-    def _check_params(self) -> None:
-        _check_alpha(self.alpha)
+    def check_params(self) -> None:
+        check_alpha(self.alpha)
         if self.test not in TESTS:
-            raise _OptionValueError(f"test must be one of {TESTS}, got {self.test!r}")
+            raise OptionValueError(f"test must be one of {TESTS}, got {self.test!r}")
         if self.test != "permutation":
             return
-        _check_permutation_options(self.n_permutations, "welch")
+        check_permutation_options(self.n_permutations, "welch")
         smallest_p = 1.0 / (1 + self.n_permutations)
         if smallest_p >= self.alpha:
             log.warning(
@@ -143,7 +143,7 @@ class DatasetInferenceTest(BaseEstimator):
                 self.n_permutations, smallest_p, self.alpha, int(np.ceil(1.0 / self.alpha)),
             )
 
-    def _test_result(self, X, y, scores=None) -> tuple[TestResult, np.ndarray | None]:
+    def run_test(self, X, y, scores=None) -> tuple[TestResult, np.ndarray | None]:
         """The test alone (no effect sizes): its TestResult and, if permutation, null statistics.
 
         `scores` are the out-of-fold scores when the caller has them already (Welch only).
@@ -181,11 +181,11 @@ class DatasetInferenceTest(BaseEstimator):
 
     def fit(self, X, y) -> DatasetInferenceTest:
         """Run the test on features X; y is 1 for suspect (P) and 0 for control (U)."""
-        self._check_params()
+        self.check_params()
         scorer = self._scorer().fit(X, y)
         y = np.asarray(y).astype(int)
         scores = scorer.oof_scores_
-        result, permutation_statistics = self._test_result(X, y, scores)
+        result, permutation_statistics = self.run_test(X, y, scores)
 
         self.scorer_ = scorer
         self.scores_ = scores

@@ -39,9 +39,9 @@ from sklearn.preprocessing import StandardScaler
 from cdi.stats.scoring import (
     _check_features_and_labels,
     _check_options,
-    _is_positive_integer,
+    is_positive_integer,
     _logistic_regression,
-    _OptionValueError,
+    OptionValueError,
     _threadpools,
 )
 
@@ -232,11 +232,11 @@ def _statistics_of_permutations(X, outer, y, fold_ids, permutations, statistic, 
     return _ROW_STATISTICS[statistic](scores, labels)
 
 
-def _check_permutation_options(n_permutations, statistic) -> None:
-    if not _is_positive_integer(n_permutations):
-        raise _OptionValueError(f"n_permutations must be an integer >= 1, got {n_permutations!r}")
+def check_permutation_options(n_permutations, statistic) -> None:
+    if not is_positive_integer(n_permutations):
+        raise OptionValueError(f"n_permutations must be an integer >= 1, got {n_permutations!r}")
     if statistic not in STATISTICS:
-        raise _OptionValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        raise OptionValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
 
 
 def cross_fitted_permutation_test(
@@ -261,7 +261,7 @@ def cross_fitted_permutation_test(
     time), so the result does not depend on n_jobs. `n_jobs` follows joblib (None: 1, -1: all).
     """
     _check_options(n_splits, C, penalty, max_iter)
-    _check_permutation_options(n_permutations, statistic)
+    check_permutation_options(n_permutations, statistic)
     X, y = _check_features_and_labels(X, y, n_splits)
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
     fold_ids = np.empty(len(y), dtype=int)

@@ -17,7 +17,7 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from cdi.stats.hypothesis import DatasetInferenceTest
-from cdi.stats.scoring import _FeatureValueError, _is_positive_integer, _OptionValueError
+from cdi.stats.scoring import FeatureValueError, is_positive_integer, OptionValueError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +51,7 @@ def default_sizes(n_suspect: int, n_control: int, n_splits: int = 5, count: int 
 
 def _p_value(X, y, params) -> float:
     """p-value of the whole pipeline on one resample (no effect sizes: they are not needed)."""
-    result, _ = DatasetInferenceTest(**params)._test_result(X, y)
+    result, _ = DatasetInferenceTest(**params).run_test(X, y)
     return result.p_value
 
 
@@ -77,12 +77,12 @@ def power_curve(
     with joblib (`n_jobs`: None one process, -1 all cores), each test single-threaded.
     """
     template = DatasetInferenceTest(alpha=alpha, test=test, **params)
-    template._check_params()
+    template.check_params()
     X = np.asarray(X, dtype=float)
     y = np.asarray(y)
     suspect, control = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     if X.ndim != 2 or y.shape != (X.shape[0],) or suspect.size + control.size != y.size:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"X must be (n_images, n_features) and y (n_images,) of 1 (P) and 0 (U), got "
             f"{X.shape} and {y.shape}"
         )
@@ -97,14 +97,14 @@ def power_curve(
         or sizes.min() < n_splits
         or sizes.max() > largest
     ):
-        raise _OptionValueError(
+        raise OptionValueError(
             f"sizes must be integers between n_splits={n_splits} and min(|P|, |U|)={largest}, "
             f"got {sizes.tolist()}"
         )
-    if not _is_positive_integer(n_resamples):
-        raise _OptionValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if not is_positive_integer(n_resamples):
+        raise OptionValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
     if not 0.0 < target_power <= 1.0:
-        raise _OptionValueError(f"target_power must be in (0, 1], got {target_power!r}")
+        raise OptionValueError(f"target_power must be in (0, 1], got {target_power!r}")
 
     # Every draw is made here, up front, so the result does not depend on n_jobs.
     rng = np.random.default_rng(random_state)

@@ -31,11 +31,11 @@ def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-class _OptionValueError(OptionError, ValueError):
+class OptionValueError(OptionError, ValueError):
     """An estimator option is invalid (a ValueError, as scikit-learn users expect)."""
 
 
-class _FeatureValueError(FeatureError, ValueError):
+class FeatureValueError(FeatureError, ValueError):
     """Features or labels cannot be scored (a ValueError, as scikit-learn users expect)."""
 
 
@@ -59,40 +59,40 @@ def _logistic_regression(C: float, penalty: str | None, max_iter: int, random_st
 
 def _check_options(n_splits: int, C: float, penalty: str | None, max_iter: int) -> None:
     if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
-        raise _OptionValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
+        raise OptionValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
     if not np.isfinite(C) or C <= 0:
-        raise _OptionValueError(f"C must be a finite number > 0, got {C!r}")
+        raise OptionValueError(f"C must be a finite number > 0, got {C!r}")
     if penalty not in _PENALTIES:
-        raise _OptionValueError(f"penalty must be one of {_PENALTIES}, got {penalty!r}")
+        raise OptionValueError(f"penalty must be one of {_PENALTIES}, got {penalty!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise _OptionValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        raise OptionValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
 
 
-def _is_positive_integer(value) -> bool:
+def is_positive_integer(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
-def _check_alpha(alpha) -> None:
+def check_alpha(alpha) -> None:
     is_number = isinstance(alpha, (int, float, np.floating)) and not isinstance(alpha, bool)
     if not (is_number and 0.0 < alpha < 1.0):
-        raise _OptionValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+        raise OptionValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
 
 
 def _check_features_and_labels(X, y, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
     """Return X as float (n, d) and y as int {0, 1} (n,), or raise a ValueError saying why not."""
     X = np.asarray(X, dtype=float)
     if X.ndim != 2:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"X must be a 2-D (n_images, n_features) array, got shape {X.shape}"
         )
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != X.shape[0]:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"y must be 1-D with one label per row of X ({X.shape[0]}), got shape {y.shape}"
         )
     labels = set(np.unique(y).tolist())
     if not labels <= {0, 1}:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"y must hold 1 for suspect (P) and 0 for control (U), got labels {sorted(labels)}"
         )
     y = y.astype(int)
@@ -100,7 +100,7 @@ def _check_features_and_labels(X, y, n_splits: int) -> tuple[np.ndarray, np.ndar
     if bad_columns.size:
         column = int(bad_columns[0])
         rows = np.flatnonzero(~np.isfinite(X[:, column]))
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"X has non-finite values (NaN or inf) in feature column {column} "
             f"(rows {rows[:5].tolist()}{'...' if rows.size > 5 else ''}; "
             f"all bad columns: {bad_columns.tolist()}); recompute or drop those features/images"
@@ -108,7 +108,7 @@ def _check_features_and_labels(X, y, n_splits: int) -> tuple[np.ndarray, np.ndar
     for label, name in ((1, "suspect (P, y=1)"), (0, "control (U, y=0)")):
         count = int(np.sum(y == label))
         if count < n_splits:
-            raise _FeatureValueError(
+            raise FeatureValueError(
                 f"the {name} class has {count} images, fewer than n_splits={n_splits}; "
                 f"add images or lower n_splits"
             )

@@ -16,7 +16,7 @@ from sklearn.base import BaseEstimator
 
 from cdi.stats.effect import per_feature_auc
 from cdi.stats.permutation import cross_fitted_permutation_test
-from cdi.stats.scoring import _check_alpha, _FeatureValueError
+from cdi.stats.scoring import check_alpha, FeatureValueError
 
 IMAGE_STATISTIC_NAMES = (
     "mean_red",  # channel means of the decoded image, values in [0, 1]
@@ -69,16 +69,16 @@ def image_statistics(image: np.ndarray, original_size: tuple[int, int]) -> np.nd
     """
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise _FeatureValueError(f"image must be a uint8 array, got dtype {image.dtype}")
+        raise FeatureValueError(f"image must be a uint8 array, got dtype {image.dtype}")
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             f"image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}"
         )
     width, height = original_size
     if width < 1 or height < 1:
-        raise _FeatureValueError(f"original_size must be (width, height) > 0, got {original_size}")
+        raise FeatureValueError(f"original_size must be (width, height) > 0, got {original_size}")
     channels = image[:, :, :3] if image.shape[2] >= 3 else np.repeat(image, 3, axis=2)
     clipped = float(np.mean((channels == 0) | (channels == 255)))
     rgb = channels.astype(float) / 255.0
@@ -152,7 +152,7 @@ class ShiftGuard(BaseEstimator):
 
     def fit(self, X, y) -> ShiftGuard:
         """X: per-image statistics (n_images, n_statistics); y: 1 suspect (P), 0 control (U)."""
-        _check_alpha(self.alpha)
+        check_alpha(self.alpha)
         auc, null, p_value = cross_fitted_permutation_test(
             X,
             y,
@@ -179,7 +179,7 @@ def shift_check(stats_suspect, stats_control, **params) -> ShiftCheckResult:
     suspect = np.asarray(stats_suspect, dtype=float)
     control = np.asarray(stats_control, dtype=float)
     if suspect.ndim != 2 or control.ndim != 2 or suspect.shape[1] != control.shape[1]:
-        raise _FeatureValueError(
+        raise FeatureValueError(
             "stats_suspect and stats_control must be 2-D (n_images, n_statistics) with the same "
             f"number of statistics, got {suspect.shape} and {control.shape}"
         )
