@@ -649,6 +649,8 @@ def open_record(plan: AuditPlan, configuration: dict[str, Any]) -> None:
         **({"cdi.search_run_id": str(plan.search_config.search_run_id)} if plan.search_config is not None else {}),
     })
     tracking.log_params({**configuration, **_versions()})
+    tracking.log_image_sets([("suspect", plan.suspect, plan.suspect_records),
+                             ("control", plan.control, plan.control_records)])
 
 
 def record_step(plan: AuditPlan, extracted: Extracted, assessed: Assessed, configuration: dict[str, Any],

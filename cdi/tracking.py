@@ -609,6 +609,52 @@ def log_params(params: Mapping[str, Any]) -> None:
                        if key not in existing and value is not None})
 
 
+def image_set_digest(sha256s: Any) -> str:
+    """The MLflow dataset digest of an image set: the same pictures give the same digest whatever the folder or
+    file names (sha256 over the sorted image sha256s, cut to the 32 characters MLflow stores)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(sha256s)).encode()).hexdigest()[:32]
+
+
+def log_image_sets(sets: Any) -> None:
+    """Log each audited image set as an MLflow dataset input of the active run: `sets` holds
+    (context, folder, records) with context "suspect" or "control". Each dataset is a small table (file,
+    sha256, label, caption), named after its folder, whose source is the folder and whose digest comes from
+    the images (`image_set_digest`): the UI's Datasets column then says what was audited, and every audit
+    of one image set shares one digest."""
+    import warnings
+
+    import mlflow
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    for context, folder, records in sets:
+        root = Path(folder).resolve()
+        table = pd.DataFrame({
+            "file": [_printable(_relative(r.path, root)) for r in records],
+            "sha256": [r.sha256 for r in records],
+            "label": [None if r.label is None else str(r.label) for r in records],
+            "caption": [r.caption for r in records],
+        })
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
+            dataset = from_pandas(table, source=str(root), name=f"{context}: {_printable(root.name)}",
+                                  digest=image_set_digest(r.sha256 for r in records))
+        mlflow.log_input(dataset, context=context)
+
+
+def _relative(path: Any, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def log_metrics(metrics: Mapping[str, float]) -> None:
     import mlflow
 

@@ -42,3 +42,33 @@ def test_the_plan_applies_the_whole_config_before_any_model_pass_or_tracking_cal
     assert (s.names, s.access, s.folds, s.seed, s.C, s.feature_config.dl_draws) == (("DL", "SecMI"), "gray", 4, 3, 0.5, 2)
     assert plan.configuration()["feature.dl_draws"] == 2
     assert not list(tmp_path.rglob("shard-*.npz"))
+
+
+def test_the_image_sets_are_logged_as_mlflow_datasets_found_by_their_digest(tiny_model, image_sets, tracking_uri,
+                                                                           tmp_path):
+    """The UI's Datasets column names what was audited; one image set has one digest wherever it lies."""
+    import shutil
+
+    import mlflow
+
+    from cdi import tracking
+
+    first = audit(tiny_model, *image_sets, access="gray", features=["DL"], n_permutations=100, power_resamples=0,
+                  progress=False)
+    copy = shutil.copytree(image_sets[0], tmp_path / "renamed-folder")
+    second = audit(tiny_model, copy, image_sets[1], access="gray", features=["DL"], n_permutations=100,
+                   power_resamples=0, progress=False)
+    client = mlflow.MlflowClient(tracking_uri)
+    inputs = {}
+    for result in (first, second):
+        run = client.get_run(result.run_id)
+        inputs[result.run_id] = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+                                 for d in run.inputs.dataset_inputs}
+    a, b = inputs[first.run_id], inputs[second.run_id]
+    assert set(a) == {"suspect", "control"}
+    assert a["suspect"].digest == b["suspect"].digest  # same pictures, another folder
+    assert a["suspect"].digest != a["control"].digest
+    assert b["suspect"].name == "suspect: renamed-folder" and str(copy) in b["suspect"].source
+    from cdi.data import discover_images
+
+    assert a["control"].digest == tracking.image_set_digest(r.sha256 for r in discover_images(image_sets[1], "control"))
