@@ -36,27 +36,28 @@ def test_demo_members_are_detected_and_held_out_digits_are_not(suspect, expected
 
 
 def test_demo_audit_with_a_warm_cache_makes_no_model_pass(tmp_path, tracking_uri, monkeypatch):
-    """The audit `mlflow run .` makes (the whole demo, 26 features, batch 50) after the features are cached
-    (here by an extraction at another batch size): every image is a cache hit, the denoiser never runs."""
+    """The audit `mlflow run .` makes (the demo model, 26 features, batch 50; here on 30 members and 30
+    held-out digits to keep the test short) after the features are cached by an extraction at another batch
+    size: every image is a cache hit, the denoiser never runs."""
     from diffusers import UNet2DModel
 
     from cdi.data import build_image_sets
     from cdi.features import FEATURE_NAMES, extract
     from cdi.models import load_model
 
+    members, heldout = _first(DEMO / "members", 30, tmp_path / "p"), _first(DEMO / "heldout", 30, tmp_path / "u")
     adapter = load_model(DEMO / "model")
-    suspect, control = build_image_sets(DEMO / "members", DEMO / "heldout", adapter.info.image_size,
-                                        adapter.info.image_channels)
+    suspect, control = build_image_sets(members, heldout, adapter.info.image_size, adapter.info.image_channels)
     cold = extract(adapter, [*suspect, *control], FEATURE_NAMES, batch_size=16, progress=False,
                    cache_dir=tmp_path / "cache", device="cpu")
-    assert (cold.cache_hits, cold.cache_misses) == (0, 200)
+    assert (cold.cache_hits, cold.cache_misses) == (0, 60)
 
     passes = []
     forward = UNet2DModel.forward
     monkeypatch.setattr(UNet2DModel, "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
-    result = audit(DEMO / "model", DEMO / "members", DEMO / "heldout", access="white", batch_size=50,
+    result = audit(DEMO / "model", members, heldout, access="white", batch_size=50,
                    cache_dir=tmp_path / "cache", progress=False, power_resamples=0, experiment="warm-demo")
     assert passes == []
     metrics = mlflow.MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
-    assert (metrics["cache_hits"], metrics["cache_misses"]) == (200, 0)
+    assert (metrics["cache_hits"], metrics["cache_misses"]) == (60, 0)
     assert result.verdict == "used"
