@@ -670,6 +670,10 @@ def record_step(plan: AuditPlan, extracted: Extracted, assessed: Assessed, confi
         "cdi.shift_flagged": str(extras["shift_check"]["flagged"]).lower(),
     })
     tracking.log_evidence(result.to_dict(), table, summary_markdown(result), manifest, _report(result, table))
+    tracking.log_audited_models(
+        [("target", plan.adapter.info.fingerprint, plan.model.resolve(), plan.adapter.info.pipeline_class),
+         *(("reference", r.info.fingerprint, Path(r.info.path).resolve(), r.info.pipeline_class)
+           for r in plan.references)], p_value=result.p_value)
     return result
 
 

@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--control", required=True, help="folder of unpublished images U, same distribution")
     audit.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
     audit.add_argument("--access", choices=("gray", "white"), default="white",
-                       help="gray: 14 gradient-free features; white: all 26 (default)")
+                       help="gray: the features that need only noise predictions; white: all, including "
+                            "those that need input gradients (default)")
     audit.add_argument("--features", type=_features, default=None,
-                       help="comma-separated subset of feature names (default: all for the access level)")
+                       help="comma-separated subset of feature names (default: all for the access level); "
+                            "an unknown name is answered with the list of known ones")
     audit.add_argument("--test", choices=("permutation", "welch"), default="permutation",
                        help="permutation (exact, default) or welch (the paper's protocol; anti-conservative)")
     audit.add_argument("--permutations", type=_positive_int, default=1000,

@@ -644,6 +644,35 @@ def log_image_sets(sets: Any) -> None:
         mlflow.log_input(dataset, context=context)
 
 
+def log_audited_models(models: Any, p_value: float | None = None) -> list[str]:
+    """Link the active run to one MLflow 3 logged model per audited model: `models` holds (role, fingerprint,
+    path, pipeline class) with role "target" or "reference". Each model is an external logged model named
+    `<role>-<fingerprint[:12]>`, found again by later audits of the same model in this experiment (its tags hold
+    the full fingerprint), so the UI's Models tab lists every audit of one model: each audit logs its p-value
+    against the target model (and a marker metric against each reference). Returns the model ids."""
+    import mlflow
+
+    run = mlflow.active_run()
+    ids = []
+    for role, fingerprint, path, pipeline_class in models:
+        name = f"{role}-{fingerprint[:12]}"
+        found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            filter_string=f"name = '{name}'", output_format="list", max_results=1)
+        model = found[0] if found else mlflow.create_external_model(
+            name=name, source_run_id=run.info.run_id, model_type="diffusers-pipeline",
+            tags={"cdi.model_fingerprint": fingerprint, "cdi.role": role, "cdi.pipeline_class": pipeline_class,
+                  "cdi.model_path": redact_text(str(path), mlflow.get_tracking_uri())})
+        ids.append(model.model_id)
+    # A metric logged against a logged model links the run to it (the model's metrics name their runs);
+    # MLflow OSS does not take logged models as run inputs.
+    for (role, *_), model_id in zip(models, ids):
+        if role == "target" and p_value is not None:
+            mlflow.log_metric("p_value", float(p_value), model_id=model_id)
+        else:
+            mlflow.log_metric("audited_as_reference", 1.0, model_id=model_id)
+    return ids
+
+
 def _relative(path: Any, root: Path) -> str:
     try:
         return Path(path).resolve().relative_to(root).as_posix()

@@ -72,3 +72,17 @@ def test_the_image_sets_are_logged_as_mlflow_datasets_found_by_their_digest(tiny
     from cdi.data import discover_images
 
     assert a["control"].digest == tracking.image_set_digest(r.sha256 for r in discover_images(image_sets[1], "control"))
+
+
+def test_the_audited_model_is_an_mlflow_logged_model_listing_every_audit_of_it(tiny_model, image_sets, tracking_uri):
+    import mlflow
+
+    runs = [audit(tiny_model, *image_sets, access="gray", features=["DL"], n_permutations=100, power_resamples=0,
+                  progress=False, seed=seed, experiment="logged-models").run_id for seed in (0, 1)]
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("logged-models").experiment_id
+    (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    fingerprint = client.get_run(runs[0]).data.tags["cdi.model_fingerprint"]
+    assert model.name == f"target-{fingerprint[:12]}" and model.tags["cdi.model_fingerprint"] == fingerprint
+    linked = {metric.run_id for metric in model.metrics if metric.key == "p_value"}
+    assert linked == set(runs)  # both audits are linked to the one model

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from cdi.features.base import (
+from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, Setting
+from cdi.features.extraction import ExtractionReport, FeatureExtractor, extract, extract_features
+from cdi.features.registry import (
+    FAMILIES,
     FEATURE_NAMES,
     GRAY_BOX_FEATURES,
-    FeatureBatch,
     FeatureConfig,
-    FeatureFamily,
-    FeatureOutput,
+    features_for_access,
+    features_reading,
+    passes_per_image,
+    plan_families,
+    plan_passes,
+    resolve_features,
 )
-from cdi.features.extraction import ExtractionReport, FeatureExtractor, extract, extract_features
-from cdi.features.registry import FAMILIES, features_for_access, plan_families, resolve_features
 
 __all__ = [
     "FAMILIES",
@@ -23,9 +27,14 @@ __all__ = [
     "FeatureExtractor",
     "FeatureFamily",
     "FeatureOutput",
+    "Passes",
+    "Setting",
     "extract",
     "extract_features",
     "features_for_access",
+    "features_reading",
+    "passes_per_image",
     "plan_families",
+    "plan_passes",
     "resolve_features",
 ]

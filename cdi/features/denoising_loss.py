@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, l2
+from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, count, l2, timestep
 from cdi.features.noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
@@ -10,6 +10,10 @@ from cdi.models.base import DiffusionAdapter
 class DenoisingLoss(FeatureFamily):
     names = ("DL",)
     access = "gray"
+    settings = (timestep("dl_t", 100), count("dl_draws", 5))
+
+    def passes(self) -> Passes:
+        return Passes(forward=self.config.dl_draws)  # one forward per draw
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         t = adapter.timestep(self.config.dl_t)

@@ -38,9 +38,9 @@ import torch
 
 from cdi.data.images import ImageDataset, ImageRecord
 from cdi.errors import FeatureError, Interrupted, OptionError
-from cdi.features.base import FeatureBatch, FeatureConfig
+from cdi.features.base import FeatureBatch
 from cdi.features.cache import FeatureCache, default_cache_dir, effective_caption, effective_label, row_key
-from cdi.features.registry import plan_families
+from cdi.features.registry import FeatureConfig, plan_families
 from cdi.models.base import DiffusionAdapter
 
 log = logging.getLogger(__name__)

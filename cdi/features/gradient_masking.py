@@ -12,13 +12,30 @@ ML_t is exactly the forward of step a), so `GradientMasking` yields ML_t at no e
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import torch
 
-from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, l2
+from cdi.errors import OptionError
+from cdi.features.base import (
+    GRID_TIMESTEPS,
+    FeatureBatch,
+    FeatureFamily,
+    FeatureOutput,
+    Passes,
+    l2,
+    positive,
+    timesteps,
+)
 from cdi.features.noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
+#: The timesteps GM_t and ML_t are named after (on the paper's 1000-step grid).
+MULTI_TIMESTEPS: tuple[int, ...] = tuple(range(0, GRID_TIMESTEPS, 100))
 SHARED_NOISE = "GM_ML"
+#: Read by both families: one declaration, so the two cannot disagree.
+TIMESTEPS_SETTING = timesteps("multi_timesteps", MULTI_TIMESTEPS,
+                              why=f"the GM_t / ML_t features are named after {len(MULTI_TIMESTEPS)} of them")
 
 
 def top_fraction_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -31,9 +48,27 @@ def top_fraction_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+def _check_timesteps(family: FeatureFamily) -> None:
+    """A wanted GM_t / ML_t must be computed: its t must be one of the `multi_timesteps` setting."""
+    computed = set(family.config.multi_timesteps)
+    for name in sorted(family.wanted):
+        t = int(name.split("_", 1)[1])
+        if t not in computed:
+            raise OptionError(f"feature {name}: its timestep {t} is not in the feature setting multi_timesteps "
+                              f"{list(family.config.multi_timesteps)}; add it there or leave {name} out")
+
+
 class MultipleLoss(FeatureFamily):
-    names = tuple(f"ML_{t}" for t in range(0, 1000, 100))
+    names = tuple(f"ML_{t}" for t in MULTI_TIMESTEPS)
     access = "gray"
+    settings = (TIMESTEPS_SETTING,)
+
+    def __init__(self, config: Any, wanted: Iterable[str] | None = None) -> None:
+        super().__init__(config, wanted)
+        _check_timesteps(self)
+
+    def passes(self) -> Passes:
+        return Passes(forward=sum(f"ML_{t}" in self.wanted for t in self.config.multi_timesteps))
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         eps = image_noise(batch.z0, batch.sha256, batch.seed, SHARED_NOISE)
@@ -47,8 +82,19 @@ class MultipleLoss(FeatureFamily):
 
 
 class GradientMasking(FeatureFamily):
-    names = (*(f"GM_{t}" for t in range(0, 1000, 100)), *MultipleLoss.names)
+    names = (*(f"GM_{t}" for t in MULTI_TIMESTEPS), *MultipleLoss.names)
     access = "white"
+    settings = (TIMESTEPS_SETTING, positive("gm_mask_ratio", 0.2, at_most=1.0, what="the share of masked pixels"))
+    fused = {f"ML_{t}": f"GM_{t}" for t in MULTI_TIMESTEPS}  # ML_t is the forward of GM_t's step a)
+
+    def __init__(self, config: Any, wanted: Iterable[str] | None = None) -> None:
+        super().__init__(config, wanted)
+        _check_timesteps(self)
+
+    def passes(self) -> Passes:
+        # Per GM_t: the gradient's forward+backward (a), the masked forward (d); ML_t comes with (a).
+        n = sum(f"GM_{t}" in self.wanted for t in self.config.multi_timesteps)
+        return Passes(forward=n, forward_backward=n)
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         z0 = batch.z0
@@ -62,7 +108,8 @@ class GradientMasking(FeatureFamily):
                 z_t = adapter.q(z0, t, eps).detach().requires_grad_(True)
                 loss = l2(adapter.eps_hat(z_t, t, batch.cond) - eps)
                 (grad,) = torch.autograd.grad(loss.sum(), z_t)
-            out[f"ML_{t_ref}"] = loss.detach()
+            if f"ML_{t_ref}" in self.wanted:
+                out[f"ML_{t_ref}"] = loss.detach()
             mask = top_fraction_mask(grad, self.config.gm_mask_ratio)
             with torch.no_grad():
                 z_m = mask * eps + (1 - mask) * z0

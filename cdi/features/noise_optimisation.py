@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, l2
+from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, count, l2, positive, timestep
 from cdi.features.noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
@@ -60,10 +60,16 @@ def lbfgs_direction(grad: torch.Tensor, history: list[tuple[torch.Tensor, torch.
 class NoiseOptimisation(FeatureFamily):
     names = ("NO_loss", "NO_delta")
     access = "white"
+    settings = (timestep("no_t", 100), count("no_evals", 8), positive("no_max_step", 0.1))
+
+    def passes(self) -> Passes:
+        # Both features come from one optimisation: `no_evals` objective evaluations, each with its gradient.
+        return Passes(forward_backward=self.config.no_evals)
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         delta, loss = self.optimise(adapter, batch)
-        return FeatureOutput({"NO_loss": loss, "NO_delta": l2(delta)})
+        values = {"NO_loss": loss, "NO_delta": l2(delta)}
+        return FeatureOutput({name: value for name, value in values.items() if name in self.wanted})
 
     def optimise(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The best perturbation found per image and the objective value there."""

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import math
 
-from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, lp
+from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, lp, positive, timestep
 from cdi.models.base import DiffusionAdapter
 
 
 class PIA(FeatureFamily):
     names = ("PIA", "PIAN")
     access = "gray"
+    settings = (timestep("pia_t", 200), positive("pia_p", 5.0))
+
+    def passes(self) -> Passes:
+        # eps0 is the batch's clean_eps; then one forward per wanted feature.
+        return Passes(forward=len(self.wanted), shared=frozenset({"clean_eps"}))
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         t, p = adapter.timestep(self.config.pia_t), self.config.pia_p

@@ -9,13 +9,37 @@
 
 from __future__ import annotations
 
-from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, l2
+from typing import Any
+
+from cdi.errors import OptionError
+from cdi.features.base import (
+    GRID_TIMESTEPS,
+    FeatureBatch,
+    FeatureFamily,
+    FeatureOutput,
+    Passes,
+    count,
+    l2,
+    timestep,
+)
 from cdi.models.base import DiffusionAdapter
 
 
 class SecMI(FeatureFamily):
     names = ("SecMI",)
     access = "gray"
+    settings = (timestep("secmi_t", 100), count("secmi_k", 10))
+
+    @classmethod
+    def check_settings(cls, config: Any) -> None:
+        if config.secmi_t + config.secmi_k >= GRID_TIMESTEPS:
+            raise OptionError(f"feature setting secmi_t {config.secmi_t} + secmi_k {config.secmi_k}: must stay below "
+                              f"{GRID_TIMESTEPS} (SecMI steps from secmi_t to secmi_t + secmi_k)")
+
+    def passes(self) -> Passes:
+        steps = len(range(0, self.config.secmi_t, self.config.secmi_k))  # inversion calls
+        # The first inversion call is the batch's clean_eps (PIA's eps0); then the step up and back.
+        return Passes(forward=max(steps - 1, 0) + 2, shared=frozenset({"clean_eps"} if steps else ()))
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         t_end, k = self.config.secmi_t, self.config.secmi_k

@@ -88,7 +88,7 @@ class SearchConfig:
 
     def feature_config(self, where: str = "") -> Any:
         """The feature configuration of the audit: the paper's defaults with the searched settings."""
-        from cdi.features.base import FeatureConfig
+        from cdi.features import FeatureConfig
 
         option = f"--config {where}".strip()
         unknown = sorted(set(self.feature_settings) - set(FeatureConfig.__dataclass_fields__))
@@ -127,7 +127,7 @@ def _features(value: Any, where: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
         raise OptionError(f"--config {where}: features must be a list of feature names, e.g. [DL, SecMI]; "
                           f"got {value!r}")
-    from cdi.features.base import FEATURE_NAMES
+    from cdi.features import FEATURE_NAMES
 
     unknown = [v for v in value if v not in FEATURE_NAMES]
     if unknown:

@@ -1,4 +1,5 @@
-"""What a search may switch on and off, and what each choice costs in model passes per image.
+"""What a search may switch on and off; what each choice costs in model passes per image is the
+families' own count (`cdi.features.passes_per_image`, re-exported here).
 
 A search space (YAML under `search/spaces/`) names on/off switches for feature families (DL, SecMI,
 PIA, PIAN, NO) and for timestep groups of GM and ML, ranges of the scorer settings (C, penalty,
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cdi.errors import OptionError
-from cdi.features.base import FEATURE_NAMES, GRAY_BOX_FEATURES, FeatureConfig
+from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES, FeatureConfig, features_reading, passes_per_image
+from cdi.features.gradient_masking import MULTI_TIMESTEPS
 from cdi.stats.difficulty import DIFFICULTY_MODES, REFERENCE_FORMULAS, REPRESENTATIONS
 
 #: Families switched as a whole, and the features each one produces.
@@ -41,13 +43,12 @@ FAMILY_FEATURES: dict[str, tuple[str, ...]] = {
 }
 #: Families switched per timestep group.
 TIMESTEP_FAMILIES = ("GM", "ML")
-DEFAULT_GROUPS: dict[str, tuple[int, ...]] = {"low": (0, 100, 200, 300), "mid": (400, 500, 600), "high": (700, 800, 900)}
+DEFAULT_GROUPS: dict[str, tuple[int, ...]] = {"low": MULTI_TIMESTEPS[:4], "mid": MULTI_TIMESTEPS[4:7],
+                                              "high": MULTI_TIMESTEPS[7:]}
 PENALTIES = ("l2", "l1")
-#: Feature settings a search may vary, and the features each one changes.
-SETTING_FEATURES: dict[str, tuple[str, ...]] = {
-    "no_evals": FAMILY_FEATURES["NO"],
-    "gm_mask_ratio": tuple(n for n in FEATURE_NAMES if n.startswith("GM_")),
-}
+#: Feature settings a search may vary, and the features each one changes (from the families' declarations).
+SETTING_FEATURES: dict[str, tuple[str, ...]] = {setting: features_reading(setting)
+                                                for setting in ("no_evals", "gm_mask_ratio")}
 #: Keys of a space's `calibration` section, the values each may take, and the value of an absent key.
 CALIBRATION_CHOICES: dict[str, tuple[str, ...]] = {
     "representation": REPRESENTATIONS,
@@ -61,36 +62,6 @@ CALIBRATION_DEFAULTS: dict[str, str] = {"representation": "raw", "reference_form
 def variant_column(feature: str, setting: str, value: Any) -> str:
     """Calibration column of `feature` computed with a non-default value of a feature setting."""
     return f"{feature}@{setting}={value}"
-
-
-def passes_per_image(features: Sequence[str], config: FeatureConfig | None = None) -> int:
-    """Model passes (forwards + backwards) one image costs for `features`, from the definitions.
-
-    DL: `dl_draws` forwards; SecMI: secmi_t / secmi_k inversion steps + 2; PIA and PIAN share eps0:
-    2 forwards for either, 3 for both, one less beside SecMI (whose first call is eps0); GM_t: 2 forwards
-    + 1 backward; ML_t: 1 forward, free when
-    GM_t runs (same z_t, same eps); NO: `no_evals` forward+backward evaluations. The encode is not
-    counted (every subset pays it once).
-    """
-    config = config or FeatureConfig()
-    wanted = set(features)
-    passes = 0
-    if "DL" in wanted:
-        passes += config.dl_draws
-    if "SecMI" in wanted:
-        passes += config.secmi_t // config.secmi_k + 2
-    pia = {"PIA", "PIAN"} & wanted
-    passes += 0 if not pia else (2 if len(pia) == 1 else 3)
-    if pia and "SecMI" in wanted:
-        passes -= 1  # SecMI's first inversion call is PIA's eps0
-    for t in config.multi_timesteps:
-        if f"GM_{t}" in wanted:
-            passes += 3
-        elif f"ML_{t}" in wanted:
-            passes += 1
-    if {"NO_loss", "NO_delta"} & wanted:
-        passes += 2 * config.no_evals
-    return passes
 
 
 @dataclass(frozen=True)
@@ -118,7 +89,8 @@ class SearchSpace:
                               f"{', '.join([*FAMILY_FEATURES, *TIMESTEP_FAMILIES])}")
         bad_t = [t for ts in self.groups.values() for t in ts if f"GM_{t}" not in FEATURE_NAMES]
         if bad_t:
-            raise OptionError(f"search space {self.name!r}: timestep(s) {bad_t} are not on the 0, 100, ..., 900 grid")
+            raise OptionError(f"search space {self.name!r}: timestep(s) {bad_t} are not on the "
+                              f"{MULTI_TIMESTEPS[0]}, {MULTI_TIMESTEPS[1]}, ..., {MULTI_TIMESTEPS[-1]} grid")
         if not 0 < self.C_low <= self.C_high:
             raise OptionError(f"search space {self.name!r}: need 0 < C low <= C high")
         if not self.penalties or any(p not in PENALTIES for p in self.penalties):
