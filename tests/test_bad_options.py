@@ -136,6 +136,7 @@ def write_config(path: Path, **changes) -> Path:
     ({"features": 5}, ["features must be a list"]),
     ({"feature_settings": {"dl_t": 5000}}, ["dl_t 5000", "below 1000"]),
     ({"feature_settings": {"gm_mask_ratio": 5}}, ["gm_mask_ratio 5", "(0, 1]"]),
+    ({"feature_settings": {"secmi_t": 105}}, ["secmi_t 105", "multiple of secmi_k 10"]),
     ({"feature_settings": {"dl_draws": "many"}}, ["dl_draws 'many'", "integer"]),
     ({"feature_settings": {"no_such": 1}}, ["unknown feature setting(s) no_such"]),
     ({"feature_settings": [1, 2]}, ["feature_settings must be a mapping"]),

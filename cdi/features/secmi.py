@@ -35,6 +35,10 @@ class SecMI(FeatureFamily):
         if config.secmi_t + config.secmi_k >= GRID_TIMESTEPS:
             raise OptionError(f"feature setting secmi_t {config.secmi_t} + secmi_k {config.secmi_k}: must stay below "
                               f"{GRID_TIMESTEPS} (SecMI steps from secmi_t to secmi_t + secmi_k)")
+        if config.secmi_t % config.secmi_k:
+            # the DDIM inversion walks 0, k, 2k, ...: it would overshoot secmi_t, then round-trip at secmi_t
+            raise OptionError(f"feature setting secmi_t {config.secmi_t}: must be a multiple of secmi_k "
+                              f"{config.secmi_k} (the inversion reaches secmi_t in steps of secmi_k; default 100 and 10)")
 
     def passes(self) -> Passes:
         steps = len(range(0, self.config.secmi_t, self.config.secmi_k))  # inversion calls
