@@ -18,7 +18,7 @@ from cdi.options import count as _count
 from cdi.options import positive_int as _positive_int
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports a bad option on one line with exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -27,9 +27,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cdi", description="Was this image set used to train this diffusion model?")
+    parser = Parser(prog="cdi", description="Was this image set used to train this diffusion model?")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     audit = commands.add_parser("audit", help="audit a model for use of a suspect image set")
     audit.add_argument("--model", required=True, help="diffusers pipeline directory (save_pretrained output)")
@@ -161,8 +161,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     from cdi.calibration import run_calibration
 
-    _check_output_path(args.output)
-    _set_threads(args.threads)
+    check_output_path(args.output)
+    set_threads(args.threads)
     run_id, result = run_calibration(
         args.model, args.members, args.nonmembers, access=args.access, seed=args.seed, batch_size=args.batch_size,
         device=args.device, n_null=args.null_audits, n_resamples=args.resamples, n_permutations=args.permutations,
@@ -181,7 +181,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
     if threads < 0:
         raise OptionError(f"--threads {threads}: must be 0 (torch's default) or a positive count")
     if threads:
@@ -196,7 +196,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     output = args.output or Path(f"report-{args.run_id}.html")
-    _check_output_path(output)
+    check_output_path(output)
     result = tracking.download_json(args.run_id, "result.json", uri)
     table = tracking.download_table(args.run_id, "features.csv", uri)
     write_report(result, table, output)
@@ -235,7 +235,7 @@ def run_verify(args: argparse.Namespace) -> int:
     return 1
 
 
-def _check_output_path(path: Path | None) -> None:
+def check_output_path(path: Path | None) -> None:
     if path is None:
         return
     parent = path.parent if str(path.parent) else Path(".")
@@ -259,8 +259,8 @@ def _check_output_path(path: Path | None) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     from cdi.audit import audit
 
-    _check_output_path(args.output)
-    _set_threads(args.threads)
+    check_output_path(args.output)
+    set_threads(args.threads)
     search_config = _search_config(args)  # audit() applies it whole: features, access, folds, seed, scorer, ...
     result = audit(
         args.model,
@@ -374,7 +374,7 @@ def _search_config(args: argparse.Namespace):
     return None
 
 
-def _quiet_libraries(verbose: bool) -> None:
+def quiet_libraries(verbose: bool) -> None:
     """Keep the output to cdi's own lines; --verbose shows what the libraries say."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
@@ -393,8 +393,8 @@ def _quiet_libraries(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "server":  # the server becomes MLflow's process: loading torch first only costs seconds
-        _quiet_libraries(args.verbose)
-    restore = _raise_on_signals() if args.command != "server" else {}
+        quiet_libraries(args.verbose)
+    restore = raise_on_signals() if args.command != "server" else {}
     try:
         if args.command == "audit":
             return run_audit(args)
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _raise_on_signals() -> dict:
+def raise_on_signals() -> dict:
     """SIGINT and SIGTERM raise cdi.errors.Interrupted in the main thread, so the audit's run is marked
     KILLED, the cache keeps every finished batch and the exit code is 128 + signal. Returns the old handlers."""
     import threading
