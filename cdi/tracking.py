@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "cdi-audits"
 NOTE_TAG = "mlflow.note.content"
+#: The experiment tag MLflow 3's UI reads to choose its view; cdi's experiments are model development.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 STATUS_TAG = "cdi.status"
 
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
@@ -195,7 +198,9 @@ def connect(tracking_uri: str, experiment: str) -> str:
             if run_id:
                 return mlflow.get_run(run_id).info.experiment_id
             found = mlflow.get_experiment_by_name(experiment)
-            return found.experiment_id if found else mlflow.create_experiment(experiment)
+            if found is None:  # cdi's own experiments open in the UI as model-training ones, not GenAI
+                return mlflow.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return found.experiment_id
     except (MlflowException, SQLAlchemyError, OSError, ConnectionError) as exc:
         refused = _refusal(exc, tracking_uri, None if run_id else experiment)
         if refused is not None:

@@ -86,3 +86,14 @@ def test_the_audited_model_is_an_mlflow_logged_model_listing_every_audit_of_it(t
     assert model.name == f"target-{fingerprint[:12]}" and model.tags["cdi.model_fingerprint"] == fingerprint
     linked = {metric.run_id for metric in model.metrics if metric.key == "p_value"}
     assert linked == set(runs)  # both audits are linked to the one model
+
+
+def test_a_new_cdi_experiment_declares_itself_a_model_development_experiment(tiny_model, image_sets, tracking_uri):
+    import mlflow
+
+    from cdi import tracking
+
+    audit(tiny_model, *image_sets, access="gray", features=["DL"], n_permutations=100, power_resamples=0,
+          progress=False, experiment="kind-check")
+    experiment = mlflow.MlflowClient(tracking_uri).get_experiment_by_name("kind-check")
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
