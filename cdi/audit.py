@@ -53,9 +53,21 @@ class AuditResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON values: a number that is not finite (the permutation test's `df`) is null,
+        so result.json is valid JSON for every reader, not only Python's."""
         data = asdict(self)
         data.update(data.pop("extras"))
-        return data
+        return _finite_or_null(data)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _versions() -> dict[str, str]:

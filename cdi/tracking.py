@@ -724,7 +724,8 @@ def log_evidence(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         table.to_csv(folder / "features.csv", index=False)
-        (folder / "result.json").write_text(json.dumps(redact_value(result, uri), indent=2, sort_keys=True))
+        strict = json.dumps(redact_value(result, uri), indent=2, sort_keys=True, allow_nan=False)  # valid JSON only
+        (folder / "result.json").write_text(strict)
         (folder / "summary.md").write_text(summary_markdown)
         (folder / "manifest.json").write_text(json.dumps(redact_value(manifest, uri), indent=2, sort_keys=True))
         if report_html is not None:

@@ -97,3 +97,19 @@ def test_a_new_cdi_experiment_declares_itself_a_model_development_experiment(tin
           progress=False, experiment="kind-check")
     experiment = mlflow.MlflowClient(tracking_uri).get_experiment_by_name("kind-check")
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_result_json_is_strict_json(tiny_model, image_sets, tracking_uri, tmp_path):
+    """The permutation test has no degrees of freedom: `df` is null, not NaN, so any JSON reader takes it."""
+    import json
+
+    output = tmp_path / "result.json"
+    assert main(["audit", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control", str(image_sets[1]),
+                 "--access", "gray", "--features", "DL", "--permutations", "100", "--power-resamples", "0",
+                 "--no-progress", "--output", str(output)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    data = json.loads(output.read_text(), parse_constant=refuse)
+    assert data["df"] is None
