@@ -31,3 +31,17 @@ def test_mlflow_run_main_entry_point_logs_the_audit_into_the_project_run(tiny_mo
     assert run.data.params["seed"] == "1.0"  # the project's own value is kept, no conflict
     assert run.data.params["n_suspect"] == "12" and "p_value" in run.data.metrics
     assert run.data.tags["cdi.verdict"] in ("used", "not_detected")
+
+
+def test_the_search_entry_point_takes_an_optuna_storage_and_defaults_to_memory():
+    import shlex
+
+    from mlflow.projects._project_spec import load_project
+
+    from cdi.cli import build_parser
+
+    entry = load_project(str(REPO)).get_entry_point("search")
+    for given, expected in (({}, None), ({"storage": "sqlite:///search.db"}, "sqlite:///search.db")):
+        args = shlex.split(entry.compute_command(given, storage_dir=None))
+        parsed = build_parser().parse_args(["search", *args[args.index("search/run_search.py") + 1:]])
+        assert parsed.storage == expected

@@ -42,8 +42,9 @@ def add_search_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     search.add_argument("--multi-objective", action="store_true",
                         help="also minimise model passes per image (NSGA-II); reports the Pareto front")
     search.add_argument("--study-name", default="cdi-search", help="Optuna study name (default cdi-search)")
-    search.add_argument("--storage", default=None,
-                        help="study storage URL (sqlite:///search.db, postgresql://...); default in memory")
+    search.add_argument("--storage", default=None, type=lambda text: text or None,
+                        help="study storage URL (sqlite:///search.db, postgresql://...); default (or empty) in memory; "
+                             "watch it live with `optuna-dashboard URL`")
     search.add_argument("--n-workers", type=_count, default=1,
                         help="worker processes on the study (default 1; more need --storage)")
     search.add_argument("--batch-size", type=_count, default=50)
