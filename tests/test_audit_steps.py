@@ -113,3 +113,32 @@ def test_result_json_is_strict_json(tiny_model, image_sets, tracking_uri, tmp_pa
 
     data = json.loads(output.read_text(), parse_constant=refuse)
     assert data["df"] is None
+
+
+def test_results_validate_against_the_documented_schema(tiny_model, image_sets, tracking_uri, tmp_path):
+    """docs/result.schema.json lists every key of result.json (additionalProperties false): a plain audit, one with
+    a reference model, one that drops duplicates, and the recorded golden result all validate."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import jsonschema
+
+    from builders import save_pipeline, tiny_unet
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "result.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    reference = save_pipeline(tmp_path / "reference", tiny_unet(seed=7))
+    suspect = Path(shutil.copytree(image_sets[0], tmp_path / "p"))
+    first = sorted(suspect.glob("*.png"))[0]
+    shutil.copy(first, suspect / "copy.png")
+    quick = ["--access", "gray", "--features", "DL", "--permutations", "100", "--power-resamples", "5", "--no-progress"]
+    for k, extra in enumerate([[], ["--reference-model", str(reference)], ["--duplicates", "keep-one"]]):
+        output = tmp_path / f"r{k}.json"
+        sets = [str(suspect if "--duplicates" in extra else image_sets[0]), str(image_sets[1])]
+        assert main(["audit", "--model", str(tiny_model), "--suspect", sets[0], "--control", sets[1], *quick, *extra,
+                     "--output", str(output)]) == 0
+        validator.validate(json.loads(output.read_text()))
+    golden = json.loads((Path(__file__).resolve().parent / "golden" / "demo-null-result.json").read_text())
+    assert not [e for e in validator.iter_errors(golden) if e.validator != "required"]
