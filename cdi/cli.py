@@ -380,6 +380,8 @@ def quiet_libraries(verbose: bool) -> None:
     if verbose:
         return
     warnings.filterwarnings("ignore")
+    # MLflow's artifact download/upload bars on stderr ("Downloading artifacts: 100%") are not cdi's output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Import first: these libraries set their own logger levels at import time.
     import diffusers
     import lightning  # noqa: F401

@@ -142,3 +142,21 @@ def test_results_validate_against_the_documented_schema(tiny_model, image_sets, 
         validator.validate(json.loads(output.read_text()))
     golden = json.loads((Path(__file__).resolve().parent / "golden" / "demo-null-result.json").read_text())
     assert not [e for e in validator.iter_errors(golden) if e.validator != "required"]
+
+
+def test_verify_and_report_print_only_their_own_lines(tiny_model, image_sets, tracking_uri, tmp_path, capfd):
+    """No MLflow download bars or INFO lines without -v."""
+    import json
+
+    output = tmp_path / "r.json"
+    assert main(["audit", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control", str(image_sets[1]),
+                 "--access", "gray", "--features", "DL", "--permutations", "100", "--power-resamples", "0",
+                 "--no-progress", "--output", str(output)]) == 0
+    run_id = json.loads(output.read_text())["run_id"]
+    capfd.readouterr()
+    assert main(["verify", run_id, "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control",
+                 str(image_sets[1])]) == 0
+    assert main(["report", run_id, "--output", str(tmp_path / "r.html")]) == 0
+    out, err = capfd.readouterr()
+    assert err == ""
+    assert [line.split(":")[0] for line in out.strip().splitlines()] == ["verified", "report"]
