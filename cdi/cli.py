@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--resume", default=None, metavar="RUN_ID",
                        help="finish an audit run that stopped (e.g. tracking server lost); features come from the cache")
     audit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    audit.add_argument("--format", choices=("text", "json"), default="text", dest="output_format",
+                       help="text (default) or json: one JSON object on stdout, for scripts and CI")
     audit.add_argument("--reference-model", action="append", default=[], metavar="DIR", dest="reference_models",
                        help="a model not trained on the suspect images (e.g. the base model of a fine-tune), queried "
                             "with the same seeded noise to remove per-image difficulty; may be given more than once")
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_id", help="MLflow run id of the audit")
     report.add_argument("--output", type=Path, default=None, help="HTML file (default report-<run id>.html)")
     report.add_argument("--tracking-uri", default=None)
+    report.add_argument("--format", choices=("text", "json"), default="text", dest="output_format",
+                       help="text (default) or json: one JSON object on stdout, for scripts and CI")
 
     calibrate = commands.add_parser("calibrate", help="false-positive rate and power on known members/non-members")
     calibrate.add_argument("--model", required=True)
@@ -153,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--reference-model", action="append", default=[], metavar="DIR", dest="reference_models",
                         help="the audit's reference models, in its order (default: the paths the manifest records)")
     verify.add_argument("--lora", type=Path, default=None, metavar="FILE", help="the audit's LoRA file")
+    verify.add_argument("--format", choices=("text", "json"), default="text", dest="output_format",
+                       help="text (default) or json: one JSON object on stdout, for scripts and CI")
     return parser
 
 
@@ -200,6 +206,10 @@ def run_report(args: argparse.Namespace) -> int:
     result = tracking.download_json(args.run_id, "result.json", uri)
     table = tracking.download_table(args.run_id, "features.csv", uri)
     write_report(result, table, output)
+    if args.output_format == "json":
+        print(json.dumps({"report": str(output), "run_id": args.run_id, "verdict": result["verdict"],
+                          "p_value": result["p_value"]}, allow_nan=False))
+        return 0
     print(f"report: {output} (verdict {result['verdict']}, p = {result['p_value']:.3g})")
     return 0
 
@@ -226,6 +236,10 @@ def run_verify(args: argparse.Namespace) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     manifest = tracking.download_json(args.run_id, "manifest.json", uri)
     found = verify(manifest, args.model, args.suspect, args.control, args.reference_models, args.lora)
+    if args.output_format == "json":
+        print(json.dumps({"run_id": args.run_id, "verified": found.ok, "checked_files": found.checked_files,
+                          "differences": found.differences}))
+        return 0 if found.ok else 1
     for difference in found.differences:
         print(f"mismatch: {difference}")
     if found.ok:
@@ -300,7 +314,16 @@ def run_audit(args: argparse.Namespace) -> int:
         duplicates=args.duplicates,
     )
     if result is None:
-        print("features of this rank are in the cache; rank 0 reports the audit")
+        if args.output_format != "json":
+            print("features of this rank are in the cache; rank 0 reports the audit")
+        return 0
+    from cdi import tracking
+
+    record = tracking.redact_value(result.to_dict(), tracking.resolve_tracking_uri(args.tracking_uri))
+    if args.output_format == "json":  # the result JSON (docs/result.schema.json) and nothing else on stdout
+        if args.output is not None:
+            write_output(args.output, json.dumps(record, indent=2, sort_keys=True) + "\n", result.run_id)
+        print(json.dumps(record, sort_keys=True, allow_nan=False))
         return 0
     comparison = "<" if result.verdict == "used" else ">="
     print(f"verdict: {result.verdict} (p = {result.p_value:.3g} {comparison} alpha = {result.alpha})")
@@ -324,9 +347,6 @@ def run_audit(args: argparse.Namespace) -> int:
     for dropped in result.extras.get("duplicates_dropped", []):
         print(f"left out (duplicate): {dropped['set']} {dropped['path']}")
     if args.output is not None:
-        from cdi import tracking
-
-        record = tracking.redact_value(result.to_dict(), tracking.resolve_tracking_uri(args.tracking_uri))
         write_output(args.output, json.dumps(record, indent=2, sort_keys=True) + "\n", result.run_id)
         print(f"result: {args.output}")
     return 0

@@ -160,3 +160,28 @@ def test_verify_and_report_print_only_their_own_lines(tiny_model, image_sets, tr
     out, err = capfd.readouterr()
     assert err == ""
     assert [line.split(":")[0] for line in out.strip().splitlines()] == ["verified", "report"]
+
+
+def test_format_json_prints_one_machine_readable_object(tiny_model, image_sets, tracking_uri, tmp_path, capfd):
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "result.schema.json").read_text())
+    capfd.readouterr()
+    assert main(["audit", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control", str(image_sets[1]),
+                 "--access", "gray", "--features", "DL", "--permutations", "100", "--power-resamples", "0",
+                 "--no-progress", "--format", "json"]) == 0
+    (line,) = capfd.readouterr().out.strip().splitlines()
+    result = json.loads(line)
+    jsonschema.validate(result, schema)
+    assert main(["verify", result["run_id"], "--model", str(tiny_model), "--suspect", str(image_sets[0]),
+                 "--control", str(image_sets[1]), "--format", "json"]) == 0
+    (line,) = capfd.readouterr().out.strip().splitlines()
+    verified = json.loads(line)
+    assert verified["verified"] is True and verified["differences"] == [] and verified["checked_files"] > 0
+    assert main(["report", result["run_id"], "--output", str(tmp_path / "r.html"), "--format", "json"]) == 0
+    (line,) = capfd.readouterr().out.strip().splitlines()
+    assert json.loads(line) == {"report": str(tmp_path / "r.html"), "run_id": result["run_id"],
+                                "verdict": result["verdict"], "p_value": result["p_value"]}
