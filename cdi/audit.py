@@ -15,6 +15,7 @@ import cdi
 from cdi import tracking
 from cdi.data import MIN_SET_SIZE, ImageRecord, build_image_sets, decode_image, printable_path
 from cdi.errors import OptionError
+from cdi.options import MAX_SEED
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.features.extraction import worker_rank
 from cdi.models import load_model
@@ -169,8 +170,6 @@ def _report(result: "AuditResult", table: Any) -> str:
     return render_report(result.to_dict(), table)
 
 
-#: Seeds go to scikit-learn's random_state (0 to 2**32 - 1) and into the seeded noise.
-MAX_SEED = 2**32 - 1
 #: Beyond this many permutations the p-value's resolution (1e-5) is far below any alpha in use, and the
 #: test's time (one cross-fit per permutation) runs into hours.
 MAX_PERMUTATIONS = 100_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from cdi.errors import CDIError, Interrupted, OptionError
 from cdi.options import comma_list as _features
@@ -416,22 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "server":  # the server becomes MLflow's process: loading torch first only costs seconds
         quiet_libraries(args.verbose)
-    restore = raise_on_signals() if args.command != "server" else {}
     try:
-        if args.command == "audit":
-            return run_audit(args)
-        if args.command == "report":
-            return run_report(args)
-        if args.command == "calibrate":
-            return run_calibrate(args)
-        if args.command == "verify":
-            return run_verify(args)
-        if args.command == "server":
-            return run_server(args)
-        if args.command == "search":
-            from cdi.search.cli import run_search_command
-
-            return run_search_command(args)
+        with signals_raise_interrupted(args.command != "server"):
+            return _dispatch(args)
     except CDIError as exc:
         sys.stderr.write(f"cdi: error: {exc}\n")
         return exc.exit_code
@@ -446,28 +434,48 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"cdi: interrupted by {name}; finished feature batches are cached: rerun the same "
                              "command to go on from them\n")
         return 128 + signum
-    finally:
-        for signum, handler in restore.items():
-            signal.signal(signum, handler)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "audit":
+        return run_audit(args)
+    if args.command == "report":
+        return run_report(args)
+    if args.command == "calibrate":
+        return run_calibrate(args)
+    if args.command == "verify":
+        return run_verify(args)
+    if args.command == "server":
+        return run_server(args)
+    if args.command == "search":
+        from cdi.search.cli import run_search_command
+
+        return run_search_command(args)
     return 1
 
 
-def raise_on_signals() -> dict:
-    """SIGINT and SIGTERM raise cdi.errors.Interrupted in the main thread, so the audit's run is marked
-    KILLED, the cache keeps every finished batch and the exit code is 128 + signal. Returns the old handlers."""
+@contextmanager
+def signals_raise_interrupted(enabled: bool = True) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise cdi.errors.Interrupted in the main thread, so the audit's run
+    is marked KILLED, the cache keeps every finished batch and the exit code is 128 + signal; the old handlers
+    come back afterwards. Shared by `cdi` and the pipelines."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return {}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def handler(signum, frame):
         raise Interrupted(signum)
 
-    old = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        old[signum] = signal.getsignal(signum)
+    old = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in old:
         signal.signal(signum, handler)
-    return old
+    try:
+        yield
+    finally:
+        for signum, previous in old.items():
+            signal.signal(signum, previous)
 
 
 if __name__ == "__main__":

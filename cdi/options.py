@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+#: Seeds go to scikit-learn's random_state (0 to 2**32 - 1) and into the seeded noise.
+MAX_SEED = 2**32 - 1
+
 
 def count(text: str) -> int:
     """Integer option; MLflow passes numeric project parameters as floats such as '2.0'."""
@@ -28,4 +31,4 @@ def comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-__all__ = ["comma_list", "count", "positive_int"]
+__all__ = ["MAX_SEED", "comma_list", "count", "positive_int"]

@@ -392,12 +392,12 @@ def optional_path(text: str) -> Path | None:
 def run_command(prog: str, verbose: bool, body: Callable[[], int]) -> int:
     """Run a pipeline command as `cdi` runs its subcommands: quiet libraries unless --verbose, a user's
     mistake on one line with exit code 2, SIGINT/SIGTERM ending the running step's run KILLED."""
-    from cdi.cli import quiet_libraries, raise_on_signals
+    from cdi.cli import quiet_libraries, signals_raise_interrupted
 
     quiet_libraries(verbose)
-    restore = raise_on_signals()
     try:
-        return body()
+        with signals_raise_interrupted():
+            return body()
     except CDIError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return exc.exit_code
@@ -406,9 +406,6 @@ def run_command(prog: str, verbose: bool, body: Callable[[], int]) -> int:
         sys.stderr.write(f"{prog}: interrupted by {signal.Signals(signum).name}; finished steps are kept: rerun the "
                          "same command to reuse them\n")
         return 128 + signum
-    finally:
-        for signum, handler in restore.items():
-            signal.signal(signum, handler)
 
 
 def publish(folder: Path, target: Path) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cdi.errors import ImageSetError, OptionError
+from cdi.options import MAX_SEED
 
 CONFIG_ARTIFACT = "best_config.yaml"
 
@@ -116,8 +117,6 @@ class SearchConfig:
         return cls.from_dict(data, str(path))
 
 
-#: Seeds go to scikit-learn's random_state, which takes 0 to 2**32 - 1.
-MAX_SEED = 2**32 - 1
 
 
 def _features(value: Any, where: str) -> list[str]:
