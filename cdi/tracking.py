@@ -42,6 +42,7 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 from cdi.errors import Interrupted, TrackingError
+from cdi.text import printable_path
 
 log = logging.getLogger(__name__)
 
@@ -637,14 +638,14 @@ def log_image_sets(sets: Any) -> None:
     for context, folder, records in sets:
         root = Path(folder).resolve()
         table = pd.DataFrame({
-            "file": [_printable(_relative(r.path, root)) for r in records],
+            "file": [printable_path(_relative(r.path, root)) for r in records],
             "sha256": [r.sha256 for r in records],
             "label": [None if r.label is None else str(r.label) for r in records],
             "caption": [r.caption for r in records],
         })
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
-            dataset = from_pandas(table, source=str(root), name=f"{context}: {_printable(root.name)}",
+            dataset = from_pandas(table, source=str(root), name=f"{context}: {printable_path(root.name)}",
                                   digest=image_set_digest(r.sha256 for r in records))
         mlflow.log_input(dataset, context=context)
 
@@ -683,10 +684,6 @@ def _relative(path: Any, root: Path) -> str:
         return Path(path).resolve().relative_to(root).as_posix()
     except ValueError:
         return Path(path).name
-
-
-def _printable(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:

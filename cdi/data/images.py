@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from PIL import Image, ImageOps
 from cdi.data.duplicates import Fingerprint, find_duplicate_groups, fingerprint, is_exact_group
 from cdi.errors import ImageSetError, OptionError
 from cdi.hashing import sha256_file
+from cdi.text import printable_path
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +55,6 @@ MAX_ASPECT_RATIO = 20
 MAX_RESIZED_PIXELS = 2**25
 #: What `build_image_sets` does with copies of one picture within a set ("refuse" or "keep-one").
 DUPLICATE_POLICIES = ("refuse", "keep-one")
-
-
-def printable_path(path: str | os.PathLike) -> str:
-    """`path` as valid UTF-8 text: bytes that are not UTF-8 are shown as backslash escapes (\\xff).
-
-    For messages, tables and JSON: a name with such bytes is legal on Linux, and Python holds it as a
-    str with surrogate escapes that no UTF-8 writer accepts.
-    """
-    text = os.fspath(path)
-    if isinstance(text, bytes):
-        return text.decode("utf-8", "backslashreplace")
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no file system decoding makes (not U+DC80..U+DCFF)
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
