@@ -47,7 +47,7 @@ from cdi.data import ImageRecord, discover_images, load_image
 from cdi.features import FAMILIES, FEATURE_NAMES, FeatureConfig, extract
 from cdi.features.extraction import half_precision_weights, resolve_device
 from cdi.features.gradient_masking import SHARED_NOISE
-from cdi.features.noise import image_noise
+from cdi.features.seeded_noise import image_noise
 from cdi.models import DiffusionAdapter, load_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -118,7 +118,7 @@ def _audit_p(data: dict, suspect_rows: np.ndarray, control_rows: np.ndarray, sus
 
 def simulate(data: dict, configuration: tuple, names, sizes, resamples: int, null_audits: int, null_n: int,
              permutations: int, seed: int) -> dict:
-    from cdi.stats.calibration import binomial_ci
+    from cdi.stats.error_rates import binomial_ci
 
     rng = np.random.default_rng(seed)
     n_members, n_nonmembers = len(data["members"]["target"]), len(data["nonmembers"]["target"])

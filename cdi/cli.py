@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_calibrate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from cdi.calibration import run_calibration
+    from cdi.calibrate import run_calibration
 
     check_output_path(args.output)
     set_threads(args.threads)

@@ -4,7 +4,7 @@
         --reference-model R --members R_MEMBERS --nonmembers R_NONMEMBERS[,MORE]
     mlflow run pipelines -e owner_audit --env-manager local -P model=M -P suspect=P ...
 
-1. calibrate: `cdi.calibration.run_calibration` on the reference model R, whose training set is known:
+1. calibrate: `cdi.calibrate.run_calibration` on the reference model R, whose training set is known:
    the false-positive rate of null audits and the power on its members and non-members;
 2. search: `cdi.search.run_search` on that calibration data (R, its members, its non-members), over
    `--space`; the run holds `best_config.yaml`;
@@ -45,7 +45,7 @@ from pipelines.steps import (
 
 NAME = "owner_audit"
 DEMO = REPO / "demo"
-#: The demo's split into calibration data and audited sets: `cdi.search.calibration.held_out` with this seed.
+#: The demo's split into calibration data and audited sets: `cdi.search.labelled_data.held_out` with this seed.
 DEMO_SPLIT_SEED = 0
 CALIBRATION_ARTIFACT = "calibration.json"
 REPORT_ARTIFACT = "report.html"
@@ -69,7 +69,7 @@ def demo_sets(work_dir: str | Path) -> dict[str, Any]:
     non-members. Chosen by content (`held_out`), copied once into a folder of `work_dir` named by the digest
     of the demo folders."""
     from cdi.data import discover_images
-    from cdi.search.calibration import held_out
+    from cdi.search.labelled_data import held_out
 
     folders = {name: DEMO / name for name in ("members", "heldout", "heldout2")}
     digest = sha256_text(json.dumps({name: images_digest(path, f"demo/{name}") for name, path in folders.items()}
@@ -210,7 +210,7 @@ def _calibrate(pipeline: Pipeline, sets: dict[str, Any], access: str, seed: int,
               "nonmembers": [images_digest(folder, "--nonmembers") for folder in nonmembers]}
 
     def execute(step: StepContext) -> dict[str, Any]:
-        from cdi.calibration import run_calibration
+        from cdi.calibrate import run_calibration
 
         run_calibration(reference, members, nonmembers, access=access, seed=seed, n_null=null_audits,
                         n_resamples=resamples, n_permutations=permutations, tracking_uri=step.tracking_uri, **options)

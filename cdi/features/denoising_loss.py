@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, count, l2, timestep
-from cdi.features.noise import image_noise
+from cdi.features.seeded_noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
 

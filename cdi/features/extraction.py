@@ -7,7 +7,7 @@ How work is laid out, so that results never depend on how they were computed:
   whatever the number of processes, so 2 processes give the same bits as 1;
 - each rank writes every finished batch to the feature cache as its own shard (atomic rename);
   the caller merges shards by row key. A killed extraction resumes at the first unfinished batch;
-- noise is seeded per image sha256 (see `cdi.features.noise`), never by the row key;
+- noise is seeded per image sha256 (see `cdi.features.seeded_noise`), never by the row key;
 - several processes meet within `CDI_RENDEZVOUS_TIMEOUT` seconds (default 300) or stop with an error
   that says how many ranks arrived.
 """

@@ -27,7 +27,7 @@ from cdi.features.base import (
     positive,
     timesteps,
 )
-from cdi.features.noise import image_noise
+from cdi.features.seeded_noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
 #: The timesteps GM_t and ML_t are named after (on the paper's 1000-step grid).

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, count, l2, positive, timestep
-from cdi.features.noise import image_noise
+from cdi.features.seeded_noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
 _CURVATURE_EPS = 1e-10

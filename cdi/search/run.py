@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cdi import tracking
-from cdi.search import calibration
+from cdi.search import labelled_data
 from cdi.search.config import SearchConfig
 from cdi.search.objective import CalibrationData
 from cdi.search.space import SearchSpace, builtin_space
@@ -59,12 +59,12 @@ def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Pa
     if suspect is not None or control is not None:
         if suspect is None or control is None or members is not None:
             raise OptionError("calibration split: give both --suspect and --control, and no --members")
-        return calibration.split(model, suspect, control, names, fraction=calibration_fraction,
+        return labelled_data.split(model, suspect, control, names, fraction=calibration_fraction,
                                  variants=space.variants(), reference_models=reference_models, seed=seed,
                                  batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
     if members is None:
         raise OptionError("give --members and --nonmembers (known membership) or --suspect and --control (split)")
-    return calibration.known_membership(model, members, nonmembers, names, variants=space.variants(),
+    return labelled_data.known_membership(model, members, nonmembers, names, variants=space.variants(),
                                         reference_models=reference_models, seed=seed, batch_size=batch_size,
                                         device=device, cache_dir=cache_dir, progress=progress)
 

@@ -5,7 +5,7 @@ membership is a small shift on top. Two ways to remove the difficulty part befor
 
 1. **Reference models** R_1..R_K (not trained on P or U), each queried with the *same* seeded noise
    as the target M for every (image, feature, timestep, draw) (common random numbers, see
-   `cdi.features.noise`): the noise's share of a loss cancels in the difference. Per image x and
+   `cdi.features.seeded_noise`): the noise's share of a loss cancels in the difference. Per image x and
    feature f:
 
        difference:  f_cal(x) = f_M(x) - (1/K) sum_k f_Rk(x)                      (1)

@@ -15,7 +15,7 @@ import torch
 from cdi.features import FEATURE_NAMES, FeatureBatch, FeatureConfig, plan_families
 from cdi.features.denoising_loss import DenoisingLoss
 from cdi.features.gradient_masking import GradientMasking, MultipleLoss
-from cdi.features.noise import image_noise
+from cdi.features.seeded_noise import image_noise
 from cdi.features.noise_optimisation import NoiseOptimisation
 from cdi.features.pia import PIA
 from cdi.features.secmi import SecMI

@@ -24,7 +24,7 @@ import dataclasses
 import pytest
 import torch
 
-import cdi.features.noise as noise_module
+import cdi.features.seeded_noise as noise_module
 from cdi.features import (
     FAMILIES,
     FEATURE_NAMES,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cdi.stats.calibration import binomial_ci, calibrate_features
+from cdi.stats.error_rates import binomial_ci, calibrate_features
 
 
 def test_calibration_reports_nominal_false_positives_and_power_that_falls_with_contamination():

@@ -17,7 +17,7 @@ from cdi.errors import OptionError
 from cdi.features import FeatureConfig, extract
 from cdi.models import load_model
 from cdi.search import Objective, SearchConfig, SearchSpace, check_references, passes_per_image, search
-from cdi.search.calibration import split
+from cdi.search.labelled_data import split
 
 SPACES = Path(__file__).resolve().parents[2] / "search" / "spaces"
 CALIBRATION = {"representation": ("raw", "calibrated", "both"), "reference_formula": ("difference", "log_ratio"),

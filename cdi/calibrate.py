@@ -1,7 +1,7 @@
 """Calibration runs: how often does the pipeline cry wolf on this model, and how much data does it need?
 
 Features of known members and non-members are extracted once (and cached); then many audits are
-simulated from them (`cdi.stats.calibration`). Logged as one MLflow run in `cdi-calibration`.
+simulated from them (`cdi.stats.error_rates`). Logged as one MLflow run in `cdi-calibration`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cdi.data import check_decodable, discover_images
 from cdi.errors import ImageSetError
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.models import load_model
-from cdi.stats.calibration import CalibrationResult, calibrate_features
+from cdi.stats.error_rates import CalibrationResult, calibrate_features
 
 log = logging.getLogger(__name__)
 #: Folds of each simulated audit (calibrate_features' default).
@@ -72,7 +72,7 @@ def run_calibration(
     shared = {r.sha256 for r in member_records} & {r.sha256 for r in nonmember_records}
     if shared:
         raise ImageSetError(f"{len(shared)} image(s) are both members and non-members; the sets must be disjoint")
-    needed = 4 * NULL_AUDIT_FOLDS  # two disjoint null halves of 2 x folds images (cdi.stats.calibration)
+    needed = 4 * NULL_AUDIT_FOLDS  # two disjoint null halves of 2 x folds images (cdi.stats.error_rates)
     if len(nonmember_records) < needed:  # known before any model pass
         raise ImageSetError(f"--nonmembers: {len(nonmember_records)} non-member image(s); null audits need at least "
                             f"{needed} (two disjoint halves of {needed // 2}); add non-member images")
