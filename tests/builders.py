@@ -69,15 +69,19 @@ def start_mlflow_server(root: Path, port: int, timeout_s: float = 120.0):
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "a"), env=env, cwd=root, start_new_session=True,
     )
     deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return proc
-        except requests.RequestException:  # refused, or a slow answer on a loaded machine
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
+    try:
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    return proc
+            except requests.RequestException:  # refused, or a slow answer on a loaded machine
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    except BaseException:  # an interrupt while it starts: the server must not outlive the tests
+        stop_mlflow_server(proc)
+        raise
     stop_mlflow_server(proc)
     raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
 

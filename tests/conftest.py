@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,58 @@ import torch
 from builders import save_pipeline, tiny_unet, write_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux /proc; empty elsewhere)."""
+    me, found = str(os.getpid()), []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found.append(int(entry.parent.name))
+    return found
+
+
+def _forward_to_workers(signum, frame):
+    """The xdist controller hands an interrupt to its workers and waits (up to 3 minutes) until they have
+    stopped through their fixtures; only then does it stop, as xdist would otherwise end workers before
+    their finalizers ran and leak the servers they started."""
+    workers = _children()
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid)
+                                              for pid in workers):
+        time.sleep(0.2)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def pytest_configure(config):
+    """SIGINT and SIGTERM end a test run through KeyboardInterrupt in the process that runs the tests (plain
+    pytest, or each xdist worker), so fixtures stop the servers and clusters they started. A background job of
+    a non-interactive shell (as in .ci/run) starts with SIGINT ignored; SIGTERM would otherwise end the process
+    without finalizers."""
+    controller = not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+    handler = _forward_to_workers if controller else _interrupt
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -98,7 +98,11 @@ class CdiServer:
         with open(self.root / "command.txt", "a") as out, open(log, "a") as err:
             self.proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=self.root, env=self.env,
                                          start_new_session=True)
-        _wait_until_up(f"{self.url}/health", self.proc, log, "cdi server", timeout=timeout)
+        try:
+            _wait_until_up(f"{self.url}/health", self.proc, log, "cdi server", timeout=timeout)
+        except BaseException:  # also an interrupt while it starts: no server outlives the test run
+            _stop(self.proc)
+            raise
         return self
 
     def kill(self) -> None:
@@ -126,13 +130,16 @@ def postgres_url():
         return
     root = Path(tempfile.mkdtemp(prefix="cdi-postgres-"))  # under /tmp: the `postgres` user can reach it
     script = [sys.executable, str(REPO / "scripts" / "throwaway_postgres.py")]
-    started = subprocess.run([*script, "start", str(root)], capture_output=True, text=True)
-    if started.returncode == 3:
-        root.rmdir()
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql; .ci/run does)")
-    assert started.returncode == 0, started.stderr
-    yield started.stdout.strip()
-    subprocess.run([*script, "stop", str(root)], check=False)
+    try:
+        started = subprocess.run([*script, "start", str(root)], capture_output=True, text=True)
+        if started.returncode == 3:
+            root.rmdir()
+            pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql; .ci/run does)")
+        assert started.returncode == 0, started.stderr
+        yield started.stdout.strip()
+    finally:  # also after an interrupt during start-up
+        if root.exists():
+            subprocess.run([*script, "stop", str(root)], check=False)
 
 
 @pytest.fixture(scope="session")
@@ -158,10 +165,12 @@ def s3_endpoint(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
                             env={**client_environment(), **S3_CREDENTIALS})
     endpoint = f"http://127.0.0.1:{port}"
-    _wait_until_up(f"{endpoint}/moto-api/", proc, log, "moto server", timeout=60)
-    s3_client(endpoint).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    _stop(proc)
+    try:
+        _wait_until_up(f"{endpoint}/moto-api/", proc, log, "moto server", timeout=60)
+        s3_client(endpoint).create_bucket(Bucket=BUCKET)
+        yield endpoint
+    finally:
+        _stop(proc)
 
 
 def s3_client(endpoint: str):
@@ -262,6 +271,8 @@ def team_server(team_database, s3_endpoint, tmp_path_factory):
     """`cdi server` on PostgreSQL + S3, as a team would run it; yields its URL."""
     server = CdiServer(tmp_path_factory.mktemp("team-server"), team_server_options(team_database, s3_endpoint),
                        env={**client_environment(), **S3_CREDENTIALS})
-    server.start()
-    yield server.url
-    server.stop()
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
