@@ -767,7 +767,7 @@ def audit(
     configuration = plan.configuration()
     # audit_run connects first (an unreachable store fails before any model pass), checks that a resumed
     # run audited this model, these images and settings, and that the artifact store takes a file.
-    with tracking.audit_run(uri, experiment, run_name=f"audit-{Path(model).name}",
+    with tracking.audit_run(uri, experiment, run_name=f"audit-{plan.model.resolve().name}-{plan.adapter.info.fingerprint[:8]}",
                             resume_run_id=resume_run_id, expected_params=configuration) as run_id:
         open_record(plan, configuration)
         extracted = extract_step(plan)

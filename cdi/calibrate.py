@@ -79,7 +79,7 @@ def run_calibration(
     check_decodable([*member_records, *nonmember_records], info.image_size, info.image_channels)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.connect(uri, experiment)
-    with tracking.audit_run(uri, experiment, run_name=f"calibrate-{Path(model).name}") as run_id:
+    with tracking.audit_run(uri, experiment, run_name=f"calibrate-{Path(model).resolve().name}") as run_id:
         tracking.log_params({
             "model_path": str(Path(model).resolve()), "model_fingerprint": info.fingerprint, "access": access,
             "seed": seed, "n_members": len(member_records), "n_nonmembers": len(nonmember_records),

@@ -7,7 +7,11 @@ One run per audit, in experiment `cdi-audits` unless told otherwise:
 - artifacts: `features.csv` (one row per image), `result.json`, `summary.md`;
 - tags: `cdi.verdict`, `cdi.status` (extracting, scoring, done; failed on a FAILED run, interrupted on a
   KILLED one), `cdi.model_fingerprint`, and the Markdown description (`mlflow.note.content`).
-When started by `mlflow run`, the audit logs into the project's run (MLFLOW_RUN_ID).
+When started by `mlflow run`, the audit logs into the project's run (MLFLOW_RUN_ID), which `mlflow run
+--experiment-name` placed; a run name MLflow made up is replaced by cdi's (`mlflow.runName` tag).
+Runs cdi creates are named after what they are: `audit-<model folder>-<fingerprint[:8]>` in cdi-audits,
+`search-<study>` in cdi-search, `calibrate-<model folder>` in cdi-calibration. With psutil installed
+the run records MLflow system metrics (`system/cpu_utilization_percentage`, ...) every 2 s.
 
 A bad store fails in seconds, on one line, before any model pass:
 - HTTP: unless set by the user, MLFLOW_HTTP_REQUEST_TIMEOUT=30 (seconds per request),
@@ -53,6 +57,8 @@ NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 STATUS_TAG = "cdi.status"
+RUN_NAME_TAG = "mlflow.runName"
+SYSTEM_METRICS_INTERVAL_S = 2
 
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
@@ -423,11 +429,15 @@ def audit_run(
             raise TrackingError(f"--resume {resume_run_id}: the run is already finished; start a new audit instead")
         if expected_params is not None:
             _check_resumable(resume_run_id, resumed.data.params, expected_params, tracking_uri)
+    system_metrics = _system_metrics_available()
     try:
         if run_id:
-            active = mlflow.start_run(run_id=run_id)
+            active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+            if run_name and not resume_run_id and is_generated_run_name(active.info.run_name):
+                mlflow.set_tag(RUN_NAME_TAG, run_name)  # `mlflow run` created it with a random name
         else:
-            active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                      log_system_metrics=system_metrics)
     except MlflowException as exc:  # e.g. a user who may read the experiment but not write to it (HTTP 403)
         refused = _refusal(exc, tracking_uri, None if run_id else experiment)
         if refused is None:
@@ -457,6 +467,32 @@ def audit_run(
             ) from exc
         raise
     mlflow.end_run(status="FINISHED")
+
+
+def is_generated_run_name(name: str | None) -> bool:
+    """Whether `name` is one MLflow made up (`<adjective>-<noun>-<number>`, as `mlflow run` without --run-name
+    gives): then cdi names the run; a name the user or a pipeline step chose is kept."""
+    if not name:
+        return True
+    parts = name.split("-")
+    if len(parts) != 3 or not parts[2].isdigit():
+        return False
+    try:  # MLflow's word lists are not public API: without them, any "word-word-number" counts as made up
+        from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
+    except ImportError:
+        return parts[0].isalpha() and parts[1].isalpha()
+    return parts[0] in _GENERATOR_PREDICATES and parts[1] in _GENERATOR_NOUNS
+
+
+def _system_metrics_available() -> bool | None:
+    """True (record `system/*` metrics: CPU, memory, disk, GPU) when psutil is importable, sampling every
+    SYSTEM_METRICS_INTERVAL_S unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL is set; else None (MLflow's default)."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return None
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_INTERVAL_S))
+    return True
 
 
 def _close_run(status: str, cdi_status: str, tag: bool = True) -> None:

@@ -4,10 +4,19 @@ with the values recorded in tests/golden/ before the refactor.
 The audit is a null one (40 held-out digits against 40 others, all 26 features, power curve on) so the
 p-value, the statistic, the scorer's coefficients and every feature value are sensitive to any change in
 seeding, batching, feature formulas or scoring. On the machine that recorded them the values are the
-same bits (`python tests/test_demo_golden.py --check` compares exactly); across CPUs float32 kernels may
-differ in the last bits, so the test allows a relative 1e-5 on floats and nothing on the rest.
+same bits (`python tests/test_demo_golden.py --check` compares exactly). Across CPUs float32 kernels differ
+in the last bits (AVX-512 against AVX2 code paths), and noise optimisation's L-BFGS (NO_delta) and the scorer
+amplify that: measured 2026-12-02 on an AVX-512/AMX Xeon against the values recorded on the earlier machine,
+features differed by up to 1.6e-4 relative and coefficients by 1.7e-4, with the same p-value and verdict.
+So the test allows a relative 1e-3 on floats and nothing on the rest (p-values from permutation counts,
+verdicts, names, shapes).
 
-Regenerate only for an intended change of results, and say so in the commit:
+To prove a refactor bit-identical on a machine other than the recording one, record the commit before it
+there and compare exactly:
+`git worktree add /tmp/before BASE && (cd /tmp/before && python tests/test_demo_golden.py --write /tmp/g)`,
+then `python tests/test_demo_golden.py --check /tmp/g`.
+
+Regenerate tests/golden only for an intended change of results, and say so in the commit:
 `python tests/test_demo_golden.py --write`.
 """
 
@@ -101,13 +110,17 @@ def compare(expected: tuple[dict, str], actual: tuple[dict, str], rtol: float) -
     return problems
 
 
-def _golden() -> tuple[dict, str]:
-    return (json.loads((GOLDEN / "demo-null-result.json").read_text()),
-            (GOLDEN / "demo-null-features.csv").read_text())
+def _golden(where: Path = GOLDEN) -> tuple[dict, str]:
+    return (json.loads((where / "demo-null-result.json").read_text()),
+            (where / "demo-null-features.csv").read_text())
+
+
+#: Cross-CPU tolerance on floats (see the module docstring for the measurement).
+CROSS_CPU_RTOL = 1e-3
 
 
 def test_demo_audit_matches_the_recorded_result_and_features(tmp_path, tracking_uri):
-    problems = compare(_golden(), demo_audit(tmp_path, tracking_uri), rtol=1e-5)
+    problems = compare(_golden(), demo_audit(tmp_path, tracking_uri), rtol=CROSS_CPU_RTOL)
     assert not problems, "\n".join(problems[:20])
 
 
@@ -115,14 +128,18 @@ if __name__ == "__main__":
     import tempfile
 
     mode = sys.argv[1] if len(sys.argv) > 1 else "--check"
+    where = Path(sys.argv[2]) if len(sys.argv) > 2 else GOLDEN
+    if mode not in ("--check", "--write"):
+        raise SystemExit("usage: python tests/test_demo_golden.py [--check|--write] [DIR (default tests/golden)]")
     with tempfile.TemporaryDirectory() as tmp:
         found = demo_audit(Path(tmp), f"sqlite:///{tmp}/mlflow.db")
     if mode == "--write":
-        GOLDEN.mkdir(exist_ok=True)
-        (GOLDEN / "demo-null-result.json").write_text(json.dumps(found[0], indent=2, sort_keys=True) + "\n")
-        (GOLDEN / "demo-null-features.csv").write_text(found[1])
-        print(f"wrote {GOLDEN}")
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "demo-null-result.json").write_text(json.dumps(found[0], indent=2, sort_keys=True) + "\n")
+        (where / "demo-null-features.csv").write_text(found[1])
+        print(f"wrote {where}")
     else:
-        problems = compare(_golden(), found, rtol=0.0)
-        print("\n".join(problems) if problems else "bit-identical to tests/golden/")
+        problems = compare(_golden(where), found, rtol=0.0)
+        shown = "tests/golden/" if where == GOLDEN else f"{where}/"
+        print("\n".join(problems) if problems else f"bit-identical to {shown}")
         raise SystemExit(1 if problems else 0)

@@ -35,8 +35,10 @@ def test_a_missing_second_node_is_a_one_line_error_within_the_rendezvous_timeout
            "CDI_RENDEZVOUS_TIMEOUT": "5"}
     env.pop("MLFLOW_RUN_ID", None)
     started = time.monotonic()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert time.monotonic() - started < 60
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    # Ends soon after the 5 s rendezvous timeout (never the default's minutes): the bound leaves room for
+    # start-up (imports ~10-30 s) on a loaded 2-core machine running the suite on both cores.
+    assert time.monotonic() - started < 120
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     (line,) = [line for line in done.stderr.splitlines() if "--num-nodes 2" in line]
