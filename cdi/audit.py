@@ -22,6 +22,7 @@ from cdi.models import load_model
 from cdi.manifest import build_manifest, image_entries, image_metadata
 from cdi.stats import image_statistics
 from cdi.stats.assessment import TEST_NAMES, assess, evidence_fields
+from cdi.stats.progress import StderrProgress, reporting
 from cdi.stats.difficulty import DIFFICULTY_MODES, REFERENCE_FORMULAS, REPRESENTATIONS, calibrate, difficulty_covariates
 
 log = logging.getLogger(__name__)
@@ -533,11 +534,19 @@ def assess_step(plan: AuditPlan, extracted: Extracted) -> Assessed:
         if s.difficulty_calibration != "off" else None,
         representation=s.representation, formula=s.reference_formula, difficulty=s.difficulty_calibration,
     )
-    found = assess(
-        calibrated.values, plan.labels, _image_statistics(records, plan.adapter, plan.extraction.batch_size),
-        alpha=s.alpha, folds=s.folds, seed=s.seed, test=s.test, n_permutations=s.n_permutations,
-        power_resamples=s.power_resamples, C=s.C, penalty=s.penalty,
-    )
+    image_stats = _image_statistics(records, plan.adapter, plan.extraction.batch_size)
+    # progress on stderr, decided as extraction's bar is (stdout may carry the result JSON)
+    progress = StderrProgress() if plan.extraction.progress and worker_rank() == 0 else None
+    try:
+        with reporting(progress):
+            found = assess(
+                calibrated.values, plan.labels, image_stats,
+                alpha=s.alpha, folds=s.folds, seed=s.seed, test=s.test, n_permutations=s.n_permutations,
+                power_resamples=s.power_resamples, C=s.C, penalty=s.penalty,
+            )
+    finally:
+        if progress is not None:
+            progress.close()
     return Assessed(calibrated, found)
 
 

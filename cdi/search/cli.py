@@ -41,6 +41,9 @@ def add_search_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     search.add_argument("--seed", type=_count, default=0, help="seed of features, resamples and sampler (default 0)")
     search.add_argument("--multi-objective", action="store_true",
                         help="also minimise model passes per image (NSGA-II); reports the Pareto front")
+    search.add_argument("--pruner", choices=("none", "median"), default="none",
+                        help="stop a trial early when its running power after half its resamples lies below the "
+                             "median of earlier trials' (Optuna's MedianPruner; single objective; default none)")
     search.add_argument("--study-name", default="cdi-search", help="Optuna study name (default cdi-search)")
     search.add_argument("--storage", default=None, type=lambda text: text or None,
                         help="study storage URL (sqlite:///search.db, postgresql://...); default (or empty) in memory; "
@@ -73,7 +76,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress,
         n_trials=args.n_trials, n=args.n, member_fraction=args.member_fraction, n_resamples=args.resamples,
         alpha=args.alpha, seed=args.seed,
-        multi_objective=args.multi_objective, study_name=args.study_name, storage=args.storage,
+        multi_objective=args.multi_objective, pruner=args.pruner, study_name=args.study_name, storage=args.storage,
         n_workers=args.n_workers, experiment=args.experiment, tracking_uri=args.tracking_uri,
     )
     config = outcome.config

@@ -15,7 +15,7 @@ images it audits: the covariate regression is fitted on the resample's 2n pooled
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -92,16 +92,26 @@ def resamples(y: np.ndarray, n: int, n_resamples: int, seed: int, member_fractio
     return draws
 
 
+def _strength(p_values: Sequence[float]) -> float:
+    """Mean -log10 p, a NaN p (constant scores) counted as 1 (no evidence)."""
+    p = np.asarray(p_values, dtype=float)
+    p = np.where(np.isfinite(p), p, 1.0)
+    return float(np.mean(-np.log10(np.clip(p, P_FLOOR, 1.0))))
+
+
 def detection_score(X: np.ndarray, draws: Sequence[np.ndarray], *, C: float, penalty: str,
                     folds: int, alpha: float = 0.01, seed: int = 0, references: Sequence[np.ndarray] = (),
                     covariates: np.ndarray | None = None, representation: str = "raw",
-                    reference_formula: str = "difference", difficulty_calibration: str = "off") -> Score:
+                    reference_formula: str = "difference", difficulty_calibration: str = "off",
+                    on_resample: Callable[[int, float], None] | None = None) -> Score:
     """Welch p of the cross-fitted pipeline on every resample, summarised.
 
     Each draw is n suspect-side rows followed by n control-side rows (`resamples`); the test compares
     the two sides, whatever the membership of the individual images. With a calibration other than
     raw/off, each draw's rows of X, of the `references` and of the `covariates` are calibrated together
-    (`cdi.stats.difficulty.calibrate`) before scoring, and only those rows.
+    (`cdi.stats.difficulty.calibrate`) before scoring, and only those rows. `on_resample(r, strength)`
+    is called after resample r with the mean -log10 p of resamples 0..r (a pruner's intermediate value);
+    an exception it raises (optuna.TrialPruned) stops the scoring there.
     """
     calibrated = (representation != "raw" and len(references) > 0) or difficulty_calibration != "off"
     placeholder_names = [str(j) for j in range(X.shape[1])]
@@ -115,10 +125,12 @@ def detection_score(X: np.ndarray, draws: Sequence[np.ndarray], *, C: float, pen
                            formula=reference_formula, difficulty=difficulty_calibration).values
         scores = CrossFittedScorer(n_splits=folds, C=C, penalty=penalty, random_state=seed + r).fit(Xr, side).oof_scores_
         p_values.append(welch_one_sided(scores[side == 1], scores[side == 0]).p_value)
+        if on_resample is not None:
+            on_resample(r, _strength(p_values))
     p = np.asarray(p_values)
     p = np.where(np.isfinite(p), p, 1.0)  # constant scores give NaN: no evidence
     return Score(
-        strength=float(np.mean(-np.log10(np.clip(p, P_FLOOR, 1.0)))),
+        strength=_strength(p_values),
         power=float(np.mean(p < alpha)),
         median_p=float(np.median(p)),
     )

@@ -14,9 +14,9 @@ from cdi.search.config import SearchConfig
 from cdi.search.objective import CalibrationData
 from cdi.search.space import SearchSpace, builtin_space
 from cdi.search.study import (
-    Objective, SearchSettings, _redact, best_config, create_study, new_session, optimize, trials_of,
+    Objective, SearchSettings, _redact, best_config, create_study, make_pruner, new_session, optimize, trials_of,
 )
-from cdi.search.tracking import DEFAULT_EXPERIMENT, calibration_params, log_study, log_trials
+from cdi.search.tracking import DEFAULT_EXPERIMENT, TrialRuns, calibration_params, log_study
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
            alpha: float = 0.01, seed: int = 0, multi_objective: bool = False, study_name: str = "cdi-search",
            storage: str | None = None, n_workers: int = 1, experiment: str = DEFAULT_EXPERIMENT,
            tracking_uri: str | None = None, seconds_features: float = 0.0,
-           member_fraction: float = 1.0) -> SearchOutcome:
-    """Run the study on `data` and record it as one MLflow run with a nested run per trial."""
+           member_fraction: float = 1.0, pruner: str = "none") -> SearchOutcome:
+    """Run the study on `data` and record it as one MLflow run with a nested run per trial, each written as
+    its trial finishes; `pruner` (none, median): stop hopeless trials early (`cdi.search.study.make_pruner`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -86,7 +87,8 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
                           multi_objective=multi_objective, session=session, member_fraction=member_fraction)
     if n_workers > 1 and storage is None:
         optimize(None, objective, n_trials=n_trials, n_workers=n_workers, storage=None)  # raises the clear error
-    study = create_study(study_name, storage, multi_objective=multi_objective, seed=seed, n_trials=n_trials)
+    study = create_study(study_name, storage, multi_objective=multi_objective, seed=seed, n_trials=n_trials,
+                         pruner=make_pruner(pruner, n_resamples, multi_objective))
     uri = tracking.resolve_tracking_uri(tracking_uri)
     names = objective_names(multi_objective)
     settings = SearchSettings(n=n, n_resamples=n_resamples, alpha=alpha, seed=seed, multi_objective=multi_objective,
@@ -96,7 +98,7 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
         tracking.log_params({
             "study_name": study_name, "storage": _redact(storage) if storage else "in-memory", "n_trials": n_trials,
             "n_workers": n_workers, "n_per_side": n, "member_fraction": member_fraction, "resamples": n_resamples,
-            "alpha": alpha, "seed": seed,
+            "alpha": alpha, "seed": seed, "pruner": pruner,
             "multi_objective": multi_objective, "space": space.name, "space_features": ",".join(space.all_features),
             **({"space_calibration": "; ".join(f"{k}={','.join(v)}" for k, v in space.calibration.items())}
                if space.calibration else {}),
@@ -104,11 +106,15 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
             **calibration_params(data.description),
             "calibration.n_images": len(data.sha256),
         })
+        trial_runs = TrialRuns(uri, run_id, names)
         started = time.perf_counter()
-        optimize(study, objective, n_trials=n_trials, n_workers=n_workers, storage=storage, seed=seed)
+        optimize(study, objective, n_trials=n_trials, n_workers=n_workers, storage=storage, seed=seed,
+                 callbacks=[trial_runs])
         seconds_trials = time.perf_counter() - started
         mine = trials_of(study, session)
-        log_trials(run_id, mine, names)
+        late = trial_runs.log_missing(study, mine)
+        if late:
+            log.warning("%d trial run(s) written only after the study ended (see the warnings above)", late)
         config = best_config(study, space, data, settings, run_id)
         front = []
         if multi_objective:
@@ -122,6 +128,7 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
         log_study(study, config, data.files, data.sha256, data.y.tolist(), names, {
             "best_strength": config.objective["value"], "best_power": config.objective["power"],
             "best_passes_per_image": config.objective["passes_per_image"], "n_trials_run": len(mine),
+            "n_trials_pruned": sum(t.state.name == "PRUNED" for t in mine),
             "n_trials_study": len(study.trials), "seconds_features": seconds_features,
             "seconds_trials": seconds_trials, **({"pareto_size": len(front)} if multi_objective else {}),
         })

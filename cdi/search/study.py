@@ -3,6 +3,12 @@
 Storage is in memory by default; a database URL (`sqlite:///...`, `postgresql://...`) makes a study
 resumable and lets several processes (`n_workers`, or several `cdi search` calls with the same study
 name and storage) share it. The study is created (`load_if_exists=True`) before workers start.
+
+Pruning (`--pruner median`, single objective only): a trial reports its running mean -log10 p after
+each resample (`trial.report`, step = resample index) and stops as soon as Optuna's MedianPruner finds
+it below the median of earlier trials at the same step; `PRUNER_STARTUP_TRIALS` trials run whole first,
+and no trial is pruned before half its resamples (`n_warmup_steps`). Optuna keeps no pruner in the
+storage: every worker builds the same one (`make_pruner`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from cdi.search.space import SearchSpace, access_for, passes_per_image
 log = logging.getLogger(__name__)
 
 SESSION_ATTR = "cdi.session"
+PRUNERS = ("none", "median")
+#: Trials that run all their resamples before the median pruner may stop any (as TPE's startup trials).
+PRUNER_STARTUP_TRIALS = 10
 
 
 class Objective:
@@ -75,11 +84,37 @@ class Objective:
         score = detection_score(self.data.columns(columns), self.draws, C=params["C"], penalty=params["penalty"],
                                 folds=params["folds"], alpha=self.alpha, seed=self.seed,
                                 references=self.data.reference_columns(columns), covariates=self.data.covariates,
-                                **calibration)
+                                on_resample=None if self.multi_objective else _reporter(trial), **calibration)
         trial.set_user_attr("power", score.power)
         trial.set_user_attr("median_p", score.median_p)
         trial.set_user_attr("passes_per_image", passes)
         return (score.strength, float(passes)) if self.multi_objective else score.strength
+
+
+def _reporter(trial: Any) -> Any:
+    """Report each resample's running strength to Optuna and stop a trial its pruner gives up on."""
+    import optuna
+
+    def report(step: int, strength: float) -> None:
+        trial.report(strength, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"mean -log10 p {strength:.3g} after {step + 1} resample(s)")
+
+    return report
+
+
+def make_pruner(pruner: str, n_resamples: int, multi_objective: bool = False) -> Any:
+    """The Optuna pruner of `--pruner` (none: NopPruner, every trial runs all its resamples)."""
+    import optuna
+
+    if pruner not in PRUNERS:
+        raise OptionError(f"--pruner {pruner!r}: choose {' or '.join(PRUNERS)}")
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    if multi_objective:
+        raise OptionError(f"--pruner {pruner}: Optuna prunes single-objective studies only; "
+                          "drop --multi-objective or use --pruner none")
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=n_resamples // 2)
 
 
 def open_storage(url: str | None) -> Any:
@@ -118,44 +153,57 @@ def _sampler(multi_objective: bool, seed: int, n_trials: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, n_trials // 4)))
 
 
-def create_study(study_name: str, storage: str | None, *, multi_objective: bool, seed: int, n_trials: int) -> Any:
+def create_study(study_name: str, storage: str | None, *, multi_objective: bool, seed: int, n_trials: int,
+                 pruner: Any = None) -> Any:
+    """The study (loaded if `storage` has it), with a key (`STUDY_KEY_ATTR`) that names its trials' MLflow runs."""
     import optuna
+
+    from cdi.search.tracking import STUDY_KEY_ATTR
 
     directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage), directions=directions,
-                                sampler=_sampler(multi_objective, seed, n_trials), load_if_exists=True)
+                                sampler=_sampler(multi_objective, seed, n_trials), pruner=pruner, load_if_exists=True)
     if len(study.directions) != len(directions):
         raise OptionError(f"--study-name {study_name}: the stored study has {len(study.directions)} objective(s); "
                           "use another study name or the same --multi-objective setting")
+    if STUDY_KEY_ATTR not in study.user_attrs:
+        study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex)
     return study
 
 
-def _worker(study_name: str, storage: str, objective: Objective, n_trials: int, seed: int) -> None:
+def _worker(study_name: str, storage: str, objective: Objective, n_trials: int, seed: int, pruner: Any,
+            callbacks: list[Any]) -> None:
     """One worker process: load the shared study and run its share of the trials."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage),
-                              sampler=_sampler(objective.multi_objective, seed, n_trials))
-    study.optimize(objective, n_trials=n_trials)
+                              sampler=_sampler(objective.multi_objective, seed, n_trials), pruner=pruner)
+    study.optimize(objective, n_trials=n_trials, callbacks=callbacks)
 
 
 def optimize(study: Any, objective: Objective, *, n_trials: int, n_workers: int = 1, storage: str | None = None,
-             seed: int = 0) -> None:
-    """Run `n_trials` trials in this process, or split them over `n_workers` processes sharing `storage`."""
+             seed: int = 0, callbacks: list[Any] | None = None) -> None:
+    """Run `n_trials` trials in this process, or split them over `n_workers` processes sharing `storage`.
+
+    `callbacks`: Optuna callbacks, called after each trial in the process that ran it (picklable for
+    workers); the workers use the study's pruner.
+    """
     if n_trials < 1:
         raise OptionError(f"--n-trials {n_trials}: must be at least 1")
     if n_workers < 1:
         raise OptionError(f"--n-workers {n_workers}: must be at least 1")
+    callbacks = list(callbacks or [])
     if n_workers == 1:
-        study.optimize(objective, n_trials=n_trials)
+        study.optimize(objective, n_trials=n_trials, callbacks=callbacks)
         return
     if storage is None:
         raise OptionError(f"--n-workers {n_workers}: worker processes share the study through a database; "
                           "add --storage sqlite:///search.db (or a postgresql:// URL)")
     shares = [n_trials // n_workers + (i < n_trials % n_workers) for i in range(n_workers)]
     context = multiprocessing.get_context("spawn")  # no fork of a process holding BLAS/OpenMP threads
-    workers = [context.Process(target=_worker, args=(study.study_name, storage, objective, share, seed + 1 + i))
+    workers = [context.Process(target=_worker, args=(study.study_name, storage, objective, share, seed + 1 + i,
+                                                           study.pruner, callbacks))
                for i, share in enumerate(shares) if share]
     for worker in workers:
         worker.start()
@@ -228,5 +276,5 @@ def trials_of(study: Any, session: str | None = None) -> list[Any]:
     return [t for t in study.get_trials(deepcopy=False) if session is None or t.user_attrs.get(SESSION_ATTR) == session]
 
 
-__all__ = ["Objective", "SearchSettings", "best_config", "best_trial", "create_study", "open_storage", "optimize",
-           "new_session", "trials_of"]
+__all__ = ["PRUNERS", "PRUNER_STARTUP_TRIALS", "Objective", "SearchSettings", "best_config", "best_trial",
+           "create_study", "make_pruner", "new_session", "open_storage", "optimize", "trials_of"]

@@ -4,12 +4,16 @@
   reference models as `calibration.reference_models` and `calibration.reference_fingerprints`), the
   best value(s) (metrics), tags `cdi.kind = search`,
   `cdi.study_name`; artifacts `best_config.yaml`, `trials.csv`, `calibration_images.csv`,
-  `optimization_history.png`, `param_importances.png`, and with two objectives `pareto_front.csv` and
-  `pareto_front.png`;
+  `optimization_history.png`, `param_importances.png` (two or more distributions and enough finished
+  trials), and with two objectives `pareto_front.csv` and `pareto_front.png` (figures drawn by
+  `optuna.visualization.matplotlib`, logged with `mlflow.log_figure`);
 - one nested run per trial (tag `mlflow.parentRunId`): the trial's params, objective value(s),
-  power, passes per image, trial number and state.
-Nested runs are written through `MlflowClient` after the trials finish, from the parent process only,
-so worker processes never write to the tracking store concurrently.
+  power, passes per image, the intermediate strength per resample, trial number and state; the parent's
+  source tags (`mlflow.source.name`, `mlflow.source.git.commit` in a git checkout, ...) and `cdi.version`;
+  the trial's start and end times. Written (`TrialRuns`, through `MlflowClient`) by the process that ran
+  the trial as soon as it finishes, so a watcher sees the study grow; each run is keyed by
+  `cdi.trial_key` (`<study key>/<trial number>`) and never written twice, even by several `cdi search`
+  processes on one study storage.
 """
 
 from __future__ import annotations
@@ -40,97 +44,164 @@ def calibration_params(description: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def log_trials(parent_run_id: str, trials: Sequence[Any], objective_names: Sequence[str]) -> int:
-    """One nested run per trial under `parent_run_id`; returns how many were written."""
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+#: Tag of a trial's nested run: `<study key>/<trial number>`, unique over every study and storage.
+TRIAL_KEY_TAG = "cdi.trial_key"
+#: Study user attribute holding the study's key (a UUID set when the study is first created).
+STUDY_KEY_ATTR = "cdi.study_key"
+#: Tags a trial's run copies from the search's parent run: where the code came from.
+_SOURCE_TAG_PREFIXES = ("mlflow.source.", "mlflow.user", "mlflow.project.", "mlflow.gitRepoURL")
 
-    client = mlflow.MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    for trial in trials:
+
+def trial_key(study: Any, trial: Any) -> str:
+    return f"{study.user_attrs.get(STUDY_KEY_ATTR) or study.study_name}/{trial.number}"
+
+
+def _ms(moment: Any) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+class TrialRuns:
+    """One nested run per trial under the search's parent run, written as each trial finishes.
+
+    An Optuna callback (`study.optimize(..., callbacks=[runs])`), run in the process that ran the
+    trial, so the runs appear while the study runs, with the trial's own start and end times. Picklable
+    (worker processes get a copy; each opens its own client). A trial's run carries `cdi.trial_key`; a
+    trial that already has a run is never written again (`log`), so the parent's final sweep
+    (`log_missing`) only adds the runs a callback could not write.
+    """
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, objective_names: Sequence[str]) -> None:
+        import mlflow
+
+        import cdi
+
+        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+        self.objective_names = list(objective_names)
+        parent = mlflow.MlflowClient(tracking_uri).get_run(parent_run_id)
+        self.experiment_id = parent.info.experiment_id
+        self.tags = {k: v for k, v in parent.data.tags.items() if k.startswith(_SOURCE_TAG_PREFIXES)}
+        self.tags.update({"mlflow.parentRunId": parent_run_id, "cdi.kind": "search-trial", "cdi.version": cdi.__version__})
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        try:
+            self.log(study, trial)
+        except Exception as exc:  # a tracking hiccup must not end the study; the final sweep retries
+            log.warning("trial %d: no MLflow run yet (%s); the search writes it when the study ends", trial.number,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+    def run_of(self, key: str) -> str | None:
+        """The id of the run with trial key `key`, if there is one."""
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{key}'",
+                                        max_results=1)
+        return found[0].info.run_id if found else None
+
+    def log(self, study: Any, trial: Any) -> str | None:
+        """Write `trial`'s run unless it has one; returns the new run's id (None when it existed)."""
+        from mlflow.entities import Metric, Param
+
+        key = trial_key(study, trial)
+        if self.run_of(key) is not None:
+            return None
         state = trial.state.name
-        run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags={
-            "mlflow.parentRunId": parent_run_id, "cdi.kind": "search-trial", "cdi.trial_number": str(trial.number),
-            "cdi.trial_state": state,
-        })
+        client = self.client
+        run = client.create_run(self.experiment_id, start_time=_ms(trial.datetime_start),
+                                run_name=f"trial-{trial.number}", tags={
+                                    **self.tags, TRIAL_KEY_TAG: key, "cdi.study_name": study.study_name,
+                                    "cdi.trial_number": str(trial.number), "cdi.trial_state": state})
         params = {**{k: str(v) for k, v in trial.params.items()},
                   "features": ",".join(trial.user_attrs.get("features", [])) or "(none)"}
         metrics = {"trial_number": float(trial.number)}
         if trial.values:
-            metrics.update({name: float(v) for name, v in zip(objective_names, trial.values)})
-        for key in ("power", "median_p", "passes_per_image"):
-            if key in trial.user_attrs:
-                metrics[key] = float(trial.user_attrs[key])
+            metrics.update({name: float(v) for name, v in zip(self.objective_names, trial.values)})
+        for name in ("power", "median_p", "passes_per_image"):
+            if name in trial.user_attrs:
+                metrics[name] = float(trial.user_attrs[name])
         if trial.duration is not None:
             metrics["seconds"] = trial.duration.total_seconds()
-        client.log_batch(run.info.run_id,
-                         metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
-                         params=[Param(k, v[:6000]) for k, v in params.items()],
-                         tags=[RunTag("cdi.trial_state", state)])
-        client.set_terminated(run.info.run_id, status=_RUN_STATUS.get(state, "FINISHED"))
-    return len(trials)
+        at = _ms(trial.datetime_complete) or _ms(trial.datetime_start) or 0
+        steps = [Metric(f"intermediate_{self.objective_names[0]}", float(v), at, int(step))
+                 for step, v in sorted(trial.intermediate_values.items())]
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, at, 0) for k, v in metrics.items()] + steps,
+                         params=[Param(k, v[:6000]) for k, v in params.items()])
+        client.set_terminated(run.info.run_id, status=_RUN_STATUS.get(state, "FINISHED"),
+                              end_time=_ms(trial.datetime_complete))
+        return run.info.run_id
+
+    def log_missing(self, study: Any, trials: Sequence[Any]) -> int:
+        """Runs for those of `trials` that have none yet; returns how many were written."""
+        return sum(self.log(study, trial) is not None for trial in trials)
 
 
-def _figures(study: Any, folder: Path, objective_names: Sequence[str]) -> list[Path]:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+#: Parameter importances need a few finished trials to rank anything (PED-ANOVA compares the top quantile).
+MIN_TRIALS_FOR_IMPORTANCES = 4
+
+
+def log_figures(study: Any, objective_names: Sequence[str]) -> list[str]:
+    """Optuna's matplotlib figures of `study` on the active (parent) run; returns the artifact names logged.
+
+    Optimization history always (of the first objective); parameter importances with at least two
+    distributions and `MIN_TRIALS_FOR_IMPORTANCES` finished trials (skipped with a warning when the
+    evaluator fails); the Pareto front with two objectives. Each figure is closed once logged; pyplot
+    is imported only here, no backend is chosen and the rcParams are restored.
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import mlflow
     import optuna
+    from optuna.visualization import matplotlib as ovm
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    written: list[Path] = []
     if not done:
-        return written
-    numbers = [t.number for t in done]
-    values = [t.values[0] for t in done]
-    best, running = [], float("-inf")
-    for v in values:
-        running = max(running, v)
-        best.append(running)
-    fig = Figure(figsize=(5.5, 3.4))
-    ax = fig.subplots()
-    ax.scatter(numbers, values, s=12, label="trial")
-    ax.step(numbers, best, where="post", color="C3", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(objective_names[0])
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    written.append(folder / "optimization_history.png")
-    fig.savefig(written[-1], dpi=110)
+        return []
+    multi = len(study.directions) > 1
+    first = (lambda t: t.values[0]) if multi else None  # multi-objective plots need a target
+    logged: list[str] = []
 
-    try:
-        # The default evaluator (PED-ANOVA) ranks params by how they reach *low* target values: with two
-        # objectives the strength is passed negated; with one, Optuna reads the direction itself.
-        target = (lambda t: -t.values[0]) if len(study.directions) > 1 else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "modify target" and "too few trials" notes
-            importances = optuna.importance.get_param_importances(study, target=target)
-    except (RuntimeError, ValueError) as exc:  # too few trials, or no parameter varied
-        log.info("no parameter importances: %s", exc)
-        importances = {}
-    if importances:
-        names = list(importances)[::-1]
-        fig = Figure(figsize=(5.5, 0.25 * len(names) + 1.2))
-        ax = fig.subplots()
-        ax.barh(names, [importances[n] for n in names])
-        ax.set_xlabel(f"importance for {objective_names[0]} (Optuna's default evaluator)")
-        fig.tight_layout()
-        written.append(folder / "param_importances.png")
-        fig.savefig(written[-1], dpi=110)
+    def _log(ax: Any, name: str) -> None:
+        fig = ax.figure
+        try:
+            fig.tight_layout()
+            mlflow.log_figure(fig, name)
+            logged.append(name)
+        finally:
+            plt.close(fig)
 
-    if len(study.directions) > 1:
-        front = {t.number for t in study.best_trials}
-        fig = Figure(figsize=(5.5, 3.4))
-        ax = fig.subplots()
-        ax.scatter([t.values[1] for t in done], values, s=12, color="grey", label="trial")
-        pareto = sorted((t for t in done if t.number in front), key=lambda t: t.values[1])
-        ax.plot([t.values[1] for t in pareto], [t.values[0] for t in pareto], marker="o", color="C3",
-                label="Pareto front")
-        ax.set_xlabel(objective_names[1])
-        ax.set_ylabel(objective_names[0])
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        written.append(folder / "pareto_front.png")
-        fig.savefig(written[-1], dpi=110)
-    return written
+    # Optuna's plots call plt.style.use("ggplot"): rc_context restores the caller's rcParams afterwards.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _log(ovm.plot_optimization_history(study, target=first, target_name=objective_names[0]),
+             "optimization_history.png")
+
+        distributions = optuna.search_space.intersection_search_space(done)
+        if len(distributions) >= 2 and len(done) >= MIN_TRIALS_FOR_IMPORTANCES:
+            # The default evaluator (PED-ANOVA) ranks params by how they reach *low* target values: with two
+            # objectives the strength is passed negated; with one, Optuna reads the direction itself.
+            target = (lambda t: -t.values[0]) if multi else None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "modify target" and "too few trials" notes
+                    ax = ovm.plot_param_importances(study, target=target, target_name=objective_names[0])
+            except Exception as exc:  # importance evaluation failed: the figure is optional
+                log.warning("no parameter importances figure: %s", exc)
+            else:
+                _log(ax, "param_importances.png")
+
+        if multi:
+            _log(ovm.plot_pareto_front(study, target_names=list(objective_names[:len(study.directions)])),
+                 "pareto_front.png")
+    return logged
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -168,8 +239,8 @@ def log_study(study: Any, config: SearchConfig, calibration_files: Sequence[str]
         if len(study.directions) > 1:
             front = sorted(study.best_trials, key=lambda t: t.values[1])
             _write_csv(folder / "pareto_front.csv", header, _trial_rows(front, len(objective_names)))
-        _figures(study, folder, objective_names)
         mlflow.log_artifacts(str(folder))
+    log_figures(study, objective_names)
     mlflow.log_metrics({k: float(v) for k, v in summary.items()})
 
 
@@ -201,4 +272,5 @@ def download_config(run_id: str, tracking_uri: str) -> SearchConfig:
     return config
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "calibration_params", "download_config", "log_study", "log_trials"]
+__all__ = ["DEFAULT_EXPERIMENT", "MIN_TRIALS_FOR_IMPORTANCES", "STUDY_KEY_ATTR", "TRIAL_KEY_TAG", "TrialRuns",
+           "calibration_params", "download_config", "log_figures", "log_study", "trial_key"]

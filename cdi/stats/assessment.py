@@ -19,6 +19,7 @@ import numpy as np
 from cdi.stats.hypothesis import DatasetInferenceTest, welch_one_sided
 from cdi.stats.null_check import NullCheckResult, null_check
 from cdi.stats.power import PowerCurve, power_curve
+from cdi.stats.progress import prefixed
 from cdi.stats.shift import shift_check
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,16 @@ def assess(
     ).fit(X, labels)
     scores = fitted.scores_
     welch = welch_one_sided(scores[labels == 1], scores[labels == 0])
-    null = null_check(X[labels == 0], **fitted.get_params())
+    with prefixed("null check: "):
+        null = null_check(X[labels == 0], **fitted.get_params())
     shift: dict[str, Any]
     if image_stats is None:
         shift = {"auc": None, "p_value": None, "flagged": False, "skipped": True, "reason": "not computed"}
     else:
         try:
-            found = shift_check(image_stats[labels == 1], image_stats[labels == 0], n_splits=folds, random_state=seed)
+            with prefixed("shift check: "):
+                found = shift_check(image_stats[labels == 1], image_stats[labels == 0], n_splits=folds,
+                                    random_state=seed)
             shift = {"auc": found.auc, "p_value": found.p_value, "flagged": found.flagged, "skipped": False,
                      "reason": None}
         except ValueError as exc:

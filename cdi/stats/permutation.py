@@ -44,6 +44,7 @@ from cdi.stats.scoring import (
     OptionValueError,
     _threadpools,
 )
+from cdi.stats.progress import report
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +286,23 @@ def cross_fitted_permutation_test(
     # Permutations are drawn in order from one generator, a task's worth at a time (memory stays
     # bounded for large B); the draws depend on random_state and the data's shape only.
     rng = np.random.default_rng(random_state)
+    chunk_rows = np.diff(np.r_[np.arange(0, n_permutations, per_task), n_permutations])
     tasks = (
         delayed(_statistics_of_permutations)(
             X, outer, y, fold_ids, rng.permuted(np.tile(identity, (rows, 1)), axis=1), statistic,
             options,
         )
-        for rows in np.diff(np.r_[np.arange(0, n_permutations, per_task), n_permutations])
+        for rows in chunk_rows
     )
     if n_jobs in (None, 1):
-        null = [function(*args, **kwargs) for function, args, kwargs in tasks]
+        runs = (function(*args, **kwargs) for function, args, kwargs in tasks)
     else:
-        null = Parallel(n_jobs=n_jobs)(tasks)
+        runs = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)  # in order, as they finish
+    null, done = [], 0
+    for statistics in runs:
+        null.append(statistics)
+        done += len(statistics)
+        report("permutation test", done, n_permutations, "permutations")
     null = np.concatenate(null)
     return float(observed), null, permutation_p_value(observed, null)
 

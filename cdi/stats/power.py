@@ -17,6 +17,7 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from cdi.stats.hypothesis import DatasetInferenceTest
+from cdi.stats.progress import report, reporting
 from cdi.stats.scoring import FeatureValueError, is_positive_integer, OptionValueError
 
 
@@ -53,6 +54,18 @@ def _p_value(X, y, params) -> float:
     """p-value of the whole pipeline on one resample (no effect sizes: they are not needed)."""
     result, _ = DatasetInferenceTest(**params).run_test(X, y)
     return result.p_value
+
+
+def _silenced(runs):
+    """Yield from `runs` with progress reports of each resample's own fit silenced."""
+    iterator = iter(runs)
+    while True:
+        with reporting(None):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
 
 
 def power_curve(
@@ -118,9 +131,13 @@ def power_curve(
             tasks.append((rows, {**template.get_params(), "random_state": seed, "n_jobs": None}))
     jobs = (delayed(_p_value)(X[rows], y[rows], task_params) for rows, task_params in tasks)
     if n_jobs in (None, 1):
-        p_values = [job[0](*job[1], **job[2]) for job in jobs]
+        runs = (job[0](*job[1], **job[2]) for job in jobs)
     else:
-        p_values = Parallel(n_jobs=n_jobs)(jobs)
+        runs = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)  # in order, as they finish
+    p_values = []
+    for p_value in _silenced(runs):
+        p_values.append(p_value)
+        report("power curve", len(p_values), len(tasks), "resamples")
     p_values = np.asarray(p_values, dtype=float).reshape(len(sizes), n_resamples)
 
     power = np.mean(p_values < alpha, axis=1)

@@ -18,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import ThreadpoolController
 
 from cdi.errors import FeatureError, OptionError
+from cdi.stats.progress import report
 
 _PENALTIES = ("l2", "l1", None)
 
@@ -165,6 +166,7 @@ class CrossFittedScorer(BaseEstimator):
                 oof_scores[held_out] = classifier.predict_proba(scaler.transform(X[held_out]))[:, 1]
                 fold_ids[held_out] = fold
                 coefs.append(classifier.coef_.ravel())
+                report("scoring", fold + 1, self.n_splits, "folds")
 
         self.oof_scores_ = oof_scores
         self.fold_ids_ = fold_ids
