@@ -203,7 +203,7 @@ def timed(into: dict[str, dict[str, float]], key: str, device: str):
 
 def fused(adapter: DiffusionAdapter, records: Sequence[ImageRecord], args: argparse.Namespace, device: str) -> dict:
     options = dict(seed=args.seed, batch_size=args.batch_size, device=device, progress=False, use_cache=False,
-                   precision=args.precision, threads=args.threads)
+                   precision=args.precision, threads=args.threads, timestep_batching=args.timestep_batching)
     # Warm-up: one batch through the whole engine path (Lightning, data loading, model at the timed batch shape).
     extract(adapter, list(records[: args.batch_size]), ("DL",), **options)
 
@@ -373,7 +373,8 @@ def floor(adapter: DiffusionAdapter, records: Sequence[ImageRecord], calls: Coun
     channels_last = device == "cuda"  # as the engine by default
     adapter.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     biggest = max(batch for _, batch, _ in calls)
-    x = torch.stack([load_image(r.path, info.image_size, info.image_channels) for r in records[:biggest]]).to(device)
+    records = [records[i % len(records)] for i in range(biggest)]  # batched timesteps: calls of more rows than images
+    x = torch.stack([load_image(r.path, info.image_size, info.image_channels) for r in records]).to(device)
     with torch.no_grad():
         z0 = adapter.encode(x).float()
     if channels_last:
@@ -605,6 +606,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
                         help="engine precision (bf16: autocast on CUDA and on CPU, 16: CUDA only); the naive "
                              "baseline is float32 as the research code")
+    parser.add_argument("--timestep-batching", default="off", choices=("auto", "on", "off"),
+                        help="the engine's timestep batching (cdi.features.batching); benchmarks/batching.py "
+                             "compares on and off")
     parser.add_argument("--seed", type=int, default=0, help="feature noise seed and random weights/images seed")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run fused, naive and floor this many times, interleaved; totals are the medians and "
@@ -651,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": args.threads,
             "batch_size": args.batch_size,
             "precision": args.precision,
+            "timestep_batching": args.timestep_batching,
             "seed": args.seed,
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,

@@ -98,12 +98,12 @@ def extract_all(testbed: Path, names, batch_size: int) -> dict:
     return out
 
 
-def _audit_p(data: dict, suspect_rows: np.ndarray, control_rows: np.ndarray, suspect_pool: str,
-             configuration: tuple, names, permutations: int, seed: int) -> float:
-    """p-value of one simulated audit: rows `suspect_rows` of the `suspect_pool` images ("members", or
-    "nonmembers" for a null audit) against rows `control_rows` of the non-members."""
+def _calibrated(data: dict, suspect_rows: np.ndarray, control_rows: np.ndarray, suspect_pool: str,
+                configuration: tuple, names) -> tuple[np.ndarray, np.ndarray]:
+    """The scorer's input of one simulated audit and its labels: rows `suspect_rows` of the `suspect_pool`
+    images ("members", or "nonmembers" for a null audit) against rows `control_rows` of the non-members.
+    The calibration sees the pooled audited images only, without their labels."""
     from cdi.stats.difficulty import calibrate
-    from cdi.stats.permutation import cross_fitted_permutation_test
 
     use_reference, difficulty, representation = configuration
     suspect, control = data[suspect_pool], data["nonmembers"]
@@ -113,7 +113,95 @@ def _audit_p(data: dict, suspect_rows: np.ndarray, control_rows: np.ndarray, sus
                       pick["covariates"] if difficulty != "off" else None,
                       representation=representation, difficulty=difficulty)
     labels = np.r_[np.ones(len(suspect_rows), dtype=int), np.zeros(len(control_rows), dtype=int)]
-    return cross_fitted_permutation_test(found.values, labels, n_permutations=permutations, random_state=seed)[2]
+    return found.values, labels
+
+
+def _audit_p(data: dict, suspect_rows: np.ndarray, control_rows: np.ndarray, suspect_pool: str,
+             configuration: tuple, names, permutations: int, seed: int) -> float:
+    """p-value of one simulated audit (see `_calibrated`): the exact permutation test of the whole
+    cross-fitted scorer."""
+    from cdi.stats.permutation import cross_fitted_permutation_test
+
+    values, labels = _calibrated(data, suspect_rows, control_rows, suspect_pool, configuration, names)
+    return cross_fitted_permutation_test(values, labels, n_permutations=permutations, random_state=seed)[2]
+
+
+def reject_probability(delta, permutations: int | None = None) -> np.ndarray:
+    """P(reject) of a one-sided test at ALPHA whose statistic is N(delta, 1) (N(0, 1) under H0).
+
+    permutations None: the ideal test, reject when T > z_{1-alpha}. Else the Monte Carlo permutation test with
+    B = permutations: p = (1 + c) / (1 + B) < alpha, c ~ Binomial(B, q(T)) the null statistics reaching T,
+    q(T) = 1 - Phi(T) (normal null); it rejects when c <= k = ceil(alpha (B + 1) - 1) - 1 (B = 199, alpha
+    0.01: k = 0, no null statistic may reach T). Integrated over T by Gauss-Hermite quadrature.
+    """
+    from scipy import stats
+
+    delta = np.asarray(delta, dtype=float)
+    if permutations is None:
+        return stats.norm.sf(stats.norm.isf(ALPHA) - delta)
+    k = int(np.ceil(ALPHA * (permutations + 1) - 1 - 1e-9)) - 1
+    if k < 0:
+        return np.zeros_like(delta)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    t = delta[..., None] + nodes
+    return (stats.binom.cdf(k, permutations, stats.norm.sf(t)) * weights).sum(-1) / weights.sum()
+
+
+def required_shift(permutations: int | None = None) -> float:
+    """delta* with reject_probability(delta*) = TARGET_POWER: z_{1-alpha} + z_{0.8} = 3.17 for the ideal test."""
+    from scipy import optimize, stats
+
+    if permutations is None:
+        return float(stats.norm.isf(ALPHA) + stats.norm.ppf(TARGET_POWER))
+    return float(optimize.brentq(lambda x: reject_probability(x, permutations) - TARGET_POWER, 0.0, 20.0))
+
+
+def predicted_n80_of(d: float, permutations: int | None = None) -> float:
+    """n per side at which the normal approximation of the one-sided two-sample test reaches power 0.8:
+    the statistic is about N(d sqrt(n / 2), 1), so n80 = 2 delta*^2 / d^2 (infinite for d <= 0)."""
+    return float(2.0 * required_shift(permutations) ** 2 / d**2) if d > 0 else float("inf")
+
+
+def predict(data: dict, configuration: tuple, names, permutations: int, seed: int, bootstrap: int = 2000) -> dict:
+    """Predicted n80 from the standardised effect size d of the per-image score on ALL members vs ALL
+    non-members (the calibration fitted on those 1000 images pooled).
+
+    Score: the calibrated feature itself for a single feature (oriented once, on the full data, so that
+    members score higher), else the out-of-fold scores of the cross-fitted scorer (5 folds, each trained on
+    800 images: better trained than the scorer of a small audit, so the prediction is optimistic there).
+    d is Hedges' g with a stratified percentile bootstrap CI (`cdi.stats.effect.effect_size`, scores
+    resampled, calibration not refitted). Two predictions: the formula 2 (z_{1-alpha} + z_{0.8})^2 / d^2 of
+    the ideal test, and the same for the benchmark's test with B = `permutations` (`reject_probability`).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from cdi.stats.effect import effect_size
+    from cdi.stats.scoring import CrossFittedScorer
+
+    n_members, n_nonmembers = len(data["members"]["target"]), len(data["nonmembers"]["target"])
+    values, labels = _calibrated(data, np.arange(n_members), np.arange(n_nonmembers), "members", configuration,
+                                 names)
+    if values.shape[1] == 1:
+        score, basis = values[:, 0], "calibrated feature"
+        if score[labels == 1].mean() < score[labels == 0].mean():
+            score = -score
+    else:
+        score = CrossFittedScorer(random_state=seed).fit(values, labels).oof_scores_
+        basis = "out-of-fold scores of the cross-fitted scorer"
+    effect = effect_size(score[labels == 1], score[labels == 0], n_resamples=bootstrap, random_state=seed)
+
+    def n80(d: float, b: int | None) -> float | None:
+        found = predicted_n80_of(d, b)
+        return None if not np.isfinite(found) else found  # JSON has no infinity: None = not reachable
+
+    return {"basis": basis, "d": effect.hedges_g, "d_ci": [effect.ci_low, effect.ci_high],
+            "auc": float(roc_auc_score(labels, score)),
+            "n80_formula": n80(effect.hedges_g, None),
+            "n80_formula_ci": [n80(effect.ci_high, None), n80(effect.ci_low, None)],
+            "n80_permutation_test": n80(effect.hedges_g, permutations),
+            "n80_permutation_test_ci": [n80(effect.ci_high, permutations), n80(effect.ci_low, permutations)],
+            "note": "extrapolation from the effect size on all images, normal approximation; "
+                    "a CI bound of null means d's bound is <= 0 (not reachable)"}
 
 
 def simulate(data: dict, configuration: tuple, names, sizes, resamples: int, null_audits: int, null_n: int,
@@ -168,6 +256,8 @@ def log_to_mlflow(uri: str | None, params: dict, results: dict, json_path: Path 
             if result["n80"] is not None:
                 mlflow.log_metric(f"{name.replace('+', '_')}.n80", result["n80"])
             mlflow.log_metric(f"{name.replace('+', '_')}.false_positive_rate", result["false_positive"]["rate"])
+            if result.get("predicted", {}).get("n80_permutation_test") is not None:
+                mlflow.log_metric(f"{name.replace('+', '_')}.predicted_n80", result["predicted"]["n80_permutation_test"])
         if json_path is not None:
             mlflow.log_artifact(str(json_path))
 
@@ -192,15 +282,27 @@ def main(argv=None) -> int:
         results["configurations"][name] = simulate(
             data, CONFIGURATIONS[name], names, sizes, args.resamples, args.null_audits, args.null_n,
             args.permutations, args.seed)
+        results["configurations"][name]["predicted"] = predict(data, CONFIGURATIONS[name], names,
+                                                               args.permutations, args.seed)
         results["configurations"][name]["seconds"] = time.perf_counter() - started
     plain = results["configurations"].get("plain", {}).get("n80")
     for name, result in results["configurations"].items():
         bound = result["n80"] or result["n80_lower_bound"]
         result["n80_ratio_to_plain"] = None if plain is None or result["n80"] is None else plain / result["n80"]
+        plain_predicted = results["configurations"].get("plain", {}).get("predicted", {}).get("n80_permutation_test")
+        mine = result["predicted"]["n80_permutation_test"]
+        result["predicted_n80_ratio_to_plain"] = None if plain_predicted is None or mine is None else plain_predicted / mine
         fp = result["false_positive"]
         print(f"{name:22s} n80 = {result['n80'] if result['n80'] else '> %s' % bound}"
               f"  false positives {fp['rejected']}/{fp['audits']} = {fp['rate']:.3f} "
               f"[{fp['ci_low']:.3f}, {fp['ci_high']:.3f}]")
+        pred = result["predicted"]
+        show = lambda v: "unreachable" if v is None else f"{v:.0f}"  # noqa: E731
+        print(f"{'':22s} predicted n80 {show(pred['n80_formula'])} (ideal test, CI "
+              f"{show(pred['n80_formula_ci'][0])}-{show(pred['n80_formula_ci'][1])}), "
+              f"{show(pred['n80_permutation_test'])} (B = {args.permutations}, CI "
+              f"{show(pred['n80_permutation_test_ci'][0])}-{show(pred['n80_permutation_test_ci'][1])}); "
+              f"d = {pred['d']:.3f} [{pred['d_ci'][0]:.3f}, {pred['d_ci'][1]:.3f}], AUC {pred['auc']:.3f}")
     params = {"testbed": str(args.testbed), "features": ",".join(names), "sizes": args.sizes,
               "resamples": args.resamples, "null_audits": args.null_audits, "null_n": args.null_n,
               "permutations": args.permutations, "seed": args.seed, "alpha": ALPHA, "target_power": TARGET_POWER,

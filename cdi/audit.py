@@ -13,6 +13,7 @@ import numpy as np
 
 import cdi
 from cdi import tracking
+from cdi.tracking import audit as audit_layout
 from cdi.data import MIN_SET_SIZE, ImageRecord, build_image_sets, decode_image, printable_path
 from cdi.errors import OptionError
 from cdi.options import MAX_SEED
@@ -325,6 +326,7 @@ class ExtractionOptions:
     strategy: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    timestep_batching: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -412,6 +414,7 @@ class AuditPlan:
             "devices": x.devices,
             "num_nodes": x.num_nodes,
             "precision": x.precision,
+            "timestep_batching": x.timestep_batching,
             "threads": x.threads or None,
             **{f"feature.{key}": value for key, value in s.feature_config.to_dict().items()},
             "suspect_path": str(self.suspect.resolve()),
@@ -513,6 +516,7 @@ def extract_step(plan: AuditPlan) -> Extracted:
             adapter, plan.records, s.names, config=s.feature_config, seed=s.seed, batch_size=x.batch_size,
             device=x.device, progress=show_progress, cache_dir=x.cache_dir, use_cache=x.use_cache,
             devices=x.devices, num_nodes=x.num_nodes, strategy=x.strategy, precision=x.precision, threads=x.threads,
+            timestep_batching=x.timestep_batching,
         )
 
     show = x.progress and worker_rank() == 0
@@ -617,33 +621,6 @@ def features_table(plan: AuditPlan, extracted: Extracted, assessed: Assessed) ->
     return table
 
 
-def audit_metrics(plan: AuditPlan, extracted: Extracted, result: AuditResult, assessed: Assessed) -> dict[str, float]:
-    extras, fitted, labels = result.extras, assessed.found.test, plan.labels
-    target, references = extracted.target, extracted.references
-    return {
-        "p_value": result.p_value,
-        "t_statistic": result.statistic,
-        "auc": result.auc,
-        **({"df": result.df} if np.isfinite(result.df) else {}),
-        "welch_p_value": extras["welch_p_value"],
-        "effect_size": extras["effect_size"]["value"],
-        **({"null_check_p_value": extras["null_check"]["p_value"]} if not extras["null_check"]["skipped"] else {}),
-        **({"shift_auc": extras["shift_check"]["auc"], "shift_p_value": extras["shift_check"]["p_value"]}
-           if not extras["shift_check"]["skipped"] else {}),
-        **({"recommended_n": extras["recommended_n"]} if extras["recommended_n"] is not None else {}),
-        "mean_score_suspect": float(fitted.scores_[labels == 1].mean()),
-        "mean_score_control": float(fitted.scores_[labels == 0].mean()),
-        "extraction_seconds": target.seconds,
-        "cache_hits": target.cache_hits,
-        "cache_misses": target.cache_misses,
-        **({"images_per_second": target.images_per_second} if target.cache_misses else {}),
-        **{f"seconds.{family}": sec for family, sec in target.family_seconds.items()},
-        **({"reference_cache_hits": sum(e.cache_hits for e in references),
-            "reference_cache_misses": sum(e.cache_misses for e in references),
-            "reference_extraction_seconds": sum(e.seconds for e in references)} if references else {}),
-    }
-
-
 def audit_manifest(plan: AuditPlan, configuration: dict[str, Any]) -> dict[str, Any]:
     info, suspect, control = plan.adapter.info, plan.suspect, plan.control
 
@@ -663,14 +640,11 @@ def audit_manifest(plan: AuditPlan, configuration: dict[str, Any]) -> dict[str, 
 
 def open_record(plan: AuditPlan, configuration: dict[str, Any]) -> None:
     """The run's identifying tags and its params, written before extraction so a stopped audit is findable."""
-    tracking.set_tags({
-        "cdi.model_fingerprint": plan.adapter.info.fingerprint, "cdi.status": "extracting",
-        **({"cdi.reference_fingerprints": ",".join(configuration["reference_fingerprints"])} if plan.references else {}),
-        **({"cdi.search_run_id": str(plan.search_config.search_run_id)} if plan.search_config is not None else {}),
-    })
-    tracking.log_params({**configuration, **_versions()})
-    tracking.log_image_sets([("suspect", plan.suspect, plan.suspect_records),
-                             ("control", plan.control, plan.control_records)])
+    audit_layout.log_opened(
+        {**configuration, **_versions()}, fingerprint=plan.adapter.info.fingerprint,
+        reference_fingerprints=configuration["reference_fingerprints"] if plan.references else (),
+        search_run_id=plan.search_config.search_run_id if plan.search_config is not None else None,
+        image_sets=[("suspect", plan.suspect, plan.suspect_records), ("control", plan.control, plan.control_records)])
 
 
 def record_step(plan: AuditPlan, extracted: Extracted, assessed: Assessed, configuration: dict[str, Any],
@@ -680,20 +654,13 @@ def record_step(plan: AuditPlan, extracted: Extracted, assessed: Assessed, confi
 
     result = result_of(plan, assessed, run_id, uri)
     table = features_table(plan, extracted, assessed)
-    tracking.log_metrics(audit_metrics(plan, extracted, result, assessed))
-    manifest = audit_manifest(plan, configuration)
-    extras = result.extras
-    tracking.set_tags({
-        "cdi.verdict": result.verdict,
-        "cdi.status": "done",
-        "cdi.null_check_flagged": str(extras["null_check"]["flagged"]).lower(),
-        "cdi.shift_flagged": str(extras["shift_check"]["flagged"]).lower(),
-    })
-    tracking.log_evidence(result.to_dict(), table, summary_markdown(result), manifest, _report(result, table))
-    tracking.log_audited_models(
-        [("target", plan.adapter.info.fingerprint, plan.model.resolve(), plan.adapter.info.pipeline_class),
-         *(("reference", r.info.fingerprint, Path(r.info.path).resolve(), r.info.pipeline_class)
-           for r in plan.references)], p_value=result.p_value)
+    audit_layout.log_result(
+        result, target=extracted.target, references=extracted.references, scores=assessed.found.test.scores_,
+        labels=plan.labels, table=table, summary_markdown=summary_markdown(result),
+        manifest=audit_manifest(plan, configuration), report_html=_report(result, table),
+        models=[("target", plan.adapter.info.fingerprint, plan.model.resolve(), plan.adapter.info.pipeline_class),
+                *(("reference", r.info.fingerprint, Path(r.info.path).resolve(), r.info.pipeline_class)
+                  for r in plan.references)])
     return result
 
 
@@ -710,7 +677,7 @@ def audit(
     batch_size: int = 16,
     device: str = "auto",
     allow_pickle: bool = False,
-    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    experiment: str = audit_layout.EXPERIMENT,
     tracking_uri: str | None = None,
     feature_config: FeatureConfig | None = None,
     progress: bool = True,
@@ -721,6 +688,7 @@ def audit(
     strategy: str = "auto",
     precision: str = "auto",
     threads: int | None = None,
+    timestep_batching: str = "auto",
     prompt: str | None = None,
     class_label: str | int | None = None,
     latent_sample_seed: int | None = None,
@@ -762,7 +730,7 @@ def audit(
                     reference_formula=reference_formula, difficulty_calibration=difficulty_calibration)
     options = ExtractionOptions(batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir,
                                 use_cache=use_cache, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                                precision=precision, threads=threads)
+                                precision=precision, threads=threads, timestep_batching=timestep_batching)
     plan = plan_audit(model, suspect, control, settings, options, search_config=search_config,
                       allow_pickle=allow_pickle, prompt=prompt, class_label=class_label,
                       latent_sample_seed=latent_sample_seed, reference_models=reference_models, lora=lora,
@@ -776,11 +744,11 @@ def audit(
     configuration = plan.configuration()
     # audit_run connects first (an unreachable store fails before any model pass), checks that a resumed
     # run audited this model, these images and settings, and that the artifact store takes a file.
-    with tracking.audit_run(uri, experiment, run_name=f"audit-{plan.model.resolve().name}-{plan.adapter.info.fingerprint[:8]}",
+    with tracking.audit_run(uri, experiment, run_name=audit_layout.run_name(plan.model, plan.adapter.info.fingerprint),
                             resume_run_id=resume_run_id, expected_params=configuration) as run_id:
         open_record(plan, configuration)
         extracted = extract_step(plan)
-        tracking.set_tags({"cdi.status": "scoring"})
+        audit_layout.set_status("scoring")
         assessed = assess_step(plan, extracted)
         result = record_step(plan, extracted, assessed, configuration, run_id, uri)
     log.info("audit %s: verdict %s, p = %.3g", run_id, result.verdict, result.p_value)

@@ -6,45 +6,23 @@ simulated from them (`cdi.stats.error_rates`). Logged as one MLflow run in `cdi-
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from cdi import tracking
 from cdi.data import check_decodable, discover_images
 from cdi.errors import ImageSetError
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.models import load_model
+from cdi.report.calibration import calibration_figures
 from cdi.stats.error_rates import CalibrationResult, calibrate_features
+from cdi.tracking import calibration as calibration_layout
 
 log = logging.getLogger(__name__)
 #: Folds of each simulated audit (calibrate_features' default).
 NULL_AUDIT_FOLDS = 5
-
-
-def _figures(result: CalibrationResult, folder: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    for rows, key, name, label in (
-        (result.power_vs_n, "n", "power_vs_n.png", "images per side"),
-        (result.power_vs_contamination, "contamination", "power_vs_contamination.png", "contamination ratio r"),
-    ):
-        if not rows:
-            continue
-        fig = Figure(figsize=(5, 3.2))
-        ax = fig.subplots()
-        ax.plot([r[key] for r in rows], [r["power"] for r in rows], marker="o")
-        ax.axhline(0.8, color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"power at alpha = {rows[0]['alpha']}")
-        ax.set_ylim(0, 1.02)
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
 
 
 def run_calibration(
@@ -59,7 +37,7 @@ def run_calibration(
     n_null: int = 500,
     n_resamples: int = 100,
     n_permutations: int = 199,
-    experiment: str = "cdi-calibration",
+    experiment: str = calibration_layout.EXPERIMENT,
     tracking_uri: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -79,35 +57,15 @@ def run_calibration(
     check_decodable([*member_records, *nonmember_records], info.image_size, info.image_channels)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.connect(uri, experiment)
-    with tracking.audit_run(uri, experiment, run_name=f"calibrate-{Path(model).resolve().name}") as run_id:
-        tracking.log_params({
-            "model_path": str(Path(model).resolve()), "model_fingerprint": info.fingerprint, "access": access,
-            "seed": seed, "n_members": len(member_records), "n_nonmembers": len(nonmember_records),
-            "n_null": n_null, "n_resamples": n_resamples, "n_permutations": n_permutations,
-        })
+    with tracking.audit_run(uri, experiment, run_name=calibration_layout.run_name(model)) as run_id:
+        calibration_layout.log_opened(
+            model_path=model, fingerprint=info.fingerprint, access=access, seed=seed, n_members=len(member_records),
+            n_nonmembers=len(nonmember_records), n_null=n_null, n_resamples=n_resamples,
+            n_permutations=n_permutations)
         records = [*member_records, *nonmember_records]
         X = extract(adapter, records, names, config=FeatureConfig(), seed=seed, batch_size=batch_size, device=device,
                     progress=progress, cache_dir=cache_dir).values
         result = calibrate_features(X[: len(member_records)], X[len(member_records):], n_null=n_null,
                                     n_resamples=n_resamples, n_permutations=n_permutations, random_state=seed)
-        metrics = {}
-        for row in result.false_positive:
-            metrics[f"fpr_{row['test']}_{row['alpha']}"] = row["rate"]
-            metrics[f"fpr_{row['test']}_{row['alpha']}_ci_high"] = row["ci_high"]
-        for row in result.power_vs_n:
-            metrics[f"power_n{row['n']}"] = row["power"]
-        for row in result.power_vs_contamination:
-            metrics[f"power_r{row['contamination']}"] = row["power"]
-        tracking.log_metrics(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "calibration.json").write_text(json.dumps(asdict(result), indent=2))
-            import pandas as pd
-
-            pd.DataFrame(result.false_positive).to_csv(folder / "false_positive_rate.csv", index=False)
-            pd.DataFrame(result.power_vs_n + result.power_vs_contamination).to_csv(folder / "power.csv", index=False)
-            _figures(result, folder)
-            import mlflow
-
-            mlflow.log_artifacts(str(folder))
+        calibration_layout.log_result(result, calibration_figures(result))
     return run_id, result

@@ -17,6 +17,7 @@ from cdi.errors import CDIError, Interrupted, OptionError
 from cdi.options import comma_list as _features
 from cdi.options import count as _count
 from cdi.options import positive_int as _positive_int
+from cdi.tracking import audit as audit_layout
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="autocast precision (auto: bf16 on CUDA where supported, else 16; 32 on CPU, where "
                             "bf16 is ~1.5x faster on CPUs with AVX512-BF16/AMX); features are kept in float32 "
                             "and cached per precision")
+    audit.add_argument("--timestep-batching", choices=("auto", "on", "off"), default="auto",
+                       help="make each feature family's model calls at several timesteps or draws of a batch as "
+                            "fewer, larger calls (auto: on in bf16 on CPU, off in float32, whose features it "
+                            "changes in the last bits, ~1e-6 relative; cached apart when on)")
     audit.add_argument("--cache-dir", default=None,
                        help="feature cache folder (default $CDI_CACHE_DIR, else ~/.cache/cdi/features)")
     audit.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
@@ -74,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="class id or name for every image without a label in metadata.jsonl")
     audit.add_argument("--latent-sample-seed", type=_count, default=None,
                        help="latent models: encode with a seeded VAE posterior sample (default: posterior mean)")
-    audit.add_argument("--experiment", default="cdi-audits", help="MLflow experiment (default cdi-audits)")
+    audit.add_argument("--experiment", default=audit_layout.EXPERIMENT,
+                       help=f"MLflow experiment (default {audit_layout.EXPERIMENT})")
     audit.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     audit.add_argument("--output", type=Path, default=None, help="write the result JSON to this file")
@@ -298,6 +304,7 @@ def run_audit(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         strategy=args.strategy,
         precision=args.precision,
+        timestep_batching=args.timestep_batching,
         threads=args.threads or None,  # also inside Lightning's DDP processes, which pick their own count
         prompt=args.prompt,
         class_label=args.class_label,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cdi import tracking
+from cdi.tracking import calibration as calibration_layout
 from cdi.errors import OptionError
 from cdi.hashing import sha256_text
 from pipelines.steps import (
@@ -47,7 +48,7 @@ NAME = "owner_audit"
 DEMO = REPO / "demo"
 #: The demo's split into calibration data and audited sets: `cdi.search.labelled_data.held_out` with this seed.
 DEMO_SPLIT_SEED = 0
-CALIBRATION_ARTIFACT = "calibration.json"
+CALIBRATION_ARTIFACT = calibration_layout.ARTIFACT
 REPORT_ARTIFACT = "report.html"
 SUMMARY_ARTIFACT = "summary.md"
 SET_OPTIONS = ("model", "suspect", "control", "reference_model", "members", "nonmembers")

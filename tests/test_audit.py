@@ -14,10 +14,10 @@ def test_second_audit_of_the_same_sets_reuses_every_feature(tiny_model, image_se
     client = mlflow.MlflowClient(tracking_uri)
     m1 = client.get_run(first.run_id).data.metrics
     m2 = client.get_run(second.run_id).data.metrics
-    assert (m1["cache_hits"], m1["cache_misses"]) == (0, 24)
-    assert (m2["cache_hits"], m2["cache_misses"]) == (24, 0)
+    assert (m1["extraction.cache_hits"], m1["extraction.cache_misses"]) == (0, 24)
+    assert (m2["extraction.cache_hits"], m2["extraction.cache_misses"]) == (24, 0)
     assert second.p_value == first.p_value  # same features, same folds: the same p-value
-    assert {"seconds.DenoisingLoss", "seconds.SecMI", "seconds.PIA", "seconds.MultipleLoss"} <= set(m1)
+    assert {f"extraction.seconds.{f}" for f in ("DenoisingLoss", "SecMI", "PIA", "MultipleLoss")} <= set(m1)
 
 
 def test_unreachable_tracking_server_fails_before_any_model_pass(tiny_model, image_sets, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import yaml
 
 from cdi.audit import audit, plan_audit, ExtractionOptions
+from cdi.tracking import audit as audit_layout
 from cdi.cli import main
 from cdi.features import FeatureConfig
 from cdi.search import SearchConfig
@@ -51,8 +52,6 @@ def test_the_image_sets_are_logged_as_mlflow_datasets_found_by_their_digest(tiny
 
     import mlflow
 
-    from cdi import tracking
-
     first = audit(tiny_model, *image_sets, access="gray", features=["DL"], n_permutations=100, power_resamples=0,
                   progress=False)
     copy = shutil.copytree(image_sets[0], tmp_path / "renamed-folder")
@@ -71,7 +70,7 @@ def test_the_image_sets_are_logged_as_mlflow_datasets_found_by_their_digest(tiny
     assert b["suspect"].name == "suspect: renamed-folder" and str(copy) in b["suspect"].source
     from cdi.data import discover_images
 
-    assert a["control"].digest == tracking.image_set_digest(r.sha256 for r in discover_images(image_sets[1], "control"))
+    assert a["control"].digest == audit_layout.image_set_digest(r.sha256 for r in discover_images(image_sets[1], "control"))
 
 
 def test_the_audited_model_is_an_mlflow_logged_model_listing_every_audit_of_it(tiny_model, image_sets, tracking_uri):
@@ -84,7 +83,7 @@ def test_the_audited_model_is_an_mlflow_logged_model_listing_every_audit_of_it(t
     (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
     fingerprint = client.get_run(runs[0]).data.tags["cdi.model_fingerprint"]
     assert model.name == f"target-{fingerprint[:12]}" and model.tags["cdi.model_fingerprint"] == fingerprint
-    linked = {metric.run_id for metric in model.metrics if metric.key == "p_value"}
+    linked = {metric.run_id for metric in model.metrics if metric.key == "stats.p_value"}
     assert linked == set(runs)  # both audits are linked to the one model
 
 

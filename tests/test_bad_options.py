@@ -246,12 +246,12 @@ def test_relabelling_every_image_recomputes_features_and_verify_notices(tmp_path
     first = audited()
     label_all(2)
     second = audited()
-    assert second["metrics"]["cache_hits"] == 0 and second["metrics"]["cache_misses"] == 24
+    assert second["metrics"]["extraction.cache_hits"] == 0 and second["metrics"]["extraction.cache_misses"] == 24
     assert second["feature_auc"] != first["feature_auc"] or second["statistic"] != first["statistic"]
     verify = ["verify", first["run_id"], "--model", str(model), "--suspect", str(suspect), "--control", str(control)]
     assert main(verify) == 1
     assert "suspect metadata.jsonl: sha256" in capsys.readouterr().out
     label_all(0)
     again = audited()
-    assert again["metrics"]["cache_hits"] == 24 and again["statistic"] == first["statistic"]
+    assert again["metrics"]["extraction.cache_hits"] == 24 and again["statistic"] == first["statistic"]
     assert main(verify) == 0

@@ -30,7 +30,7 @@ def test_cdi_calibrate_reports_error_rates_and_logs_them(tiny_model, tracking_ur
     run_id = out.split("run: ")[1].split()[0]
     run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert any(key.startswith("fpr_permutation_0.01") for key in run.data.metrics)
+    assert any(key.startswith("stats.fpr_permutation_0.01") for key in run.data.metrics)
     artifacts = {a.path for a in mlflow.MlflowClient(tracking_uri).list_artifacts(run_id)}
     assert {"calibration.json", "false_positive_rate.csv", "power.csv", "power_vs_n.png"} <= artifacts
 

@@ -39,8 +39,8 @@ def test_audit_writes_result_json_and_a_complete_mlflow_run(tiny_model, image_se
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "unit"
-    assert run.data.metrics["p_value"] == pytest.approx(result["p_value"])
-    assert {"t_statistic", "auc"} <= set(run.data.metrics)
+    assert run.data.metrics["stats.p_value"] == pytest.approx(result["p_value"])
+    assert {"stats.t_statistic", "stats.auc"} <= set(run.data.metrics)
     params = run.data.params
     assert params["model_fingerprint"] == result["model_fingerprint"]
     assert (params["n_suspect"], params["access"], params["seed"], params["alpha"], params["folds"]) == (

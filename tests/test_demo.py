@@ -59,5 +59,5 @@ def test_demo_audit_with_a_warm_cache_makes_no_model_pass(tmp_path, tracking_uri
                    cache_dir=tmp_path / "cache", progress=False, power_resamples=0, experiment="warm-demo")
     assert passes == []
     metrics = mlflow.MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
-    assert (metrics["cache_hits"], metrics["cache_misses"]) == (60, 0)
+    assert (metrics["extraction.cache_hits"], metrics["extraction.cache_misses"]) == (60, 0)
     assert result.verdict == "used"

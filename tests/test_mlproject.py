@@ -29,7 +29,7 @@ def test_mlflow_run_main_entry_point_logs_the_audit_into_the_project_run(tiny_mo
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["seed"] == "1.0"  # the project's own value is kept, no conflict
-    assert run.data.params["n_suspect"] == "12" and "p_value" in run.data.metrics
+    assert run.data.params["n_suspect"] == "12" and "stats.p_value" in run.data.metrics
     assert run.data.tags["cdi.verdict"] in ("used", "not_detected")
     # MLflow made up the project run's name; cdi names it after what it audited
     assert run.info.run_name == f"audit-{Path(tiny_model).resolve().name}-{run.data.params['model_fingerprint'][:8]}"

@@ -92,8 +92,8 @@ def test_reference_features_come_from_the_cache_the_second_time(tiny_model, refe
     second = audit(tiny_model, *image_sets, reference_models=[reference_model], cache_dir=tmp_path, **FAST)
     client = mlflow.MlflowClient(tracking_uri)
     m1, m2 = client.get_run(first.run_id).data.metrics, client.get_run(second.run_id).data.metrics
-    assert (m1["reference_cache_hits"], m1["reference_cache_misses"]) == (0, 24)
-    assert (m2["reference_cache_hits"], m2["reference_cache_misses"]) == (24, 0)
+    assert (m1["extraction.reference.cache_hits"], m1["extraction.reference.cache_misses"]) == (0, 24)
+    assert (m2["extraction.reference.cache_hits"], m2["extraction.reference.cache_misses"]) == (24, 0)
     assert second.p_value == first.p_value
 
 

@@ -46,8 +46,8 @@ def test_lost_server_mid_audit_then_resume_finishes_the_same_run(tiny_model, ima
         import mlflow
 
         run = mlflow.MlflowClient(url).get_run(run_id)
-        assert run.info.status == "FINISHED" and "p_value" in run.data.metrics
-        assert run.data.metrics["cache_misses"] == 0  # no model pass was repeated
+        assert run.info.status == "FINISHED" and "stats.p_value" in run.data.metrics
+        assert run.data.metrics["extraction.cache_misses"] == 0  # no model pass was repeated
         assert main([*args, "--resume", run_id]) == 2  # a finished run is not reopened
         assert "already finished" in capsys.readouterr().err
     finally:

@@ -79,4 +79,4 @@ def test_a_signal_during_extraction_kills_the_run_keeps_the_cache_and_says_how_t
     assert resumed.returncode == 0, resumed.stderr
     done = client.get_run(run.info.run_id)
     assert done.info.status == "FINISHED" and done.data.tags["cdi.status"] == "done"
-    assert float(done.data.metrics["cache_hits"]) >= 2
+    assert float(done.data.metrics["extraction.cache_hits"]) >= 2

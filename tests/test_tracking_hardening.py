@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 from cdi import tracking
+from cdi.tracking import audit as audit_layout
 from cdi.errors import Interrupted, TrackingError
 
 from builders import free_port
@@ -207,7 +208,7 @@ def test_a_password_in_the_tracking_uri_reaches_no_param_tag_artifact_output_or_
         tracking.log_params({"tracking_uri": uri, "note": f"copied {PASSWORD}", "model_fingerprint": "f" * 64})
         tracking.set_tags({"cdi.status": "done", "cdi.where": uri})
         table = pd.DataFrame({"path": [f"/data/{PASSWORD}/a.png"], "DL": [0.125]})
-        tracking.log_evidence({"tracking_uri": uri, "p_value": 0.5, "runs": [{"uri": uri}]}, table,
+        audit_layout.log_evidence({"tracking_uri": uri, "p_value": 0.5, "runs": [{"uri": uri}]}, table,
                               f"logged to {uri}", {"tracking_uri": uri}, f"<p>{uri}</p>")
     printed = capfd.readouterr()
     assert PASSWORD not in printed.out + printed.err

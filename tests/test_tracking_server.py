@@ -37,7 +37,7 @@ def test_server_finds_the_audit_run_and_its_p_value(mlflow_server, tiny_model, i
     ).json()["runs"]
     assert [r["info"]["run_id"] for r in found] == [result["run_id"]]
     metrics = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
-    assert metrics["p_value"] == pytest.approx(result["p_value"])
+    assert metrics["stats.p_value"] == pytest.approx(result["p_value"])
     assert found[0]["info"]["status"] == "FINISHED"
     listed = requests.get(f"{api}/artifacts/list", params={"run_id": result["run_id"]}).json()
     assert {"features.csv", "result.json", "summary.md"} <= {f["path"] for f in listed["files"]}

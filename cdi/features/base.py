@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import torch
 
 from cdi.errors import OptionError
+from cdi.features.batching import UNBATCHED, ModelCalls
 from cdi.models.base import REFERENCE_TIMESTEPS as GRID_TIMESTEPS
 from cdi.models.base import DiffusionAdapter
 
@@ -138,6 +139,8 @@ class FeatureBatch:
     cond: Any
     sha256: Sequence[str]
     seed: int
+    #: How a family makes its several same-shaped model calls (`cdi.features.batching`): unbatched by default.
+    calls: ModelCalls = field(default=UNBATCHED, repr=False)
     _clean_eps: torch.Tensor | None = field(default=None, repr=False)
 
     def clean_eps(self, adapter: DiffusionAdapter) -> torch.Tensor:

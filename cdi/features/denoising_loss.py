@@ -17,8 +17,12 @@ class DenoisingLoss(FeatureFamily):
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         t = adapter.timestep(self.config.dl_t)
+        draws = [image_noise(batch.z0, batch.sha256, batch.seed, "DL", self.config.dl_t, draw)
+                 for draw in range(self.config.dl_draws)]
+        # One call per draw, or fewer larger ones with timestep batching (`batch.calls`); summed in draw order.
+        predictions = batch.calls.eps_hat(adapter, [adapter.q(batch.z0, t, eps) for eps in draws],
+                                          [t] * len(draws), batch.cond)
         total = 0.0
-        for draw in range(self.config.dl_draws):
-            eps = image_noise(batch.z0, batch.sha256, batch.seed, "DL", self.config.dl_t, draw)
-            total = total + l2(adapter.eps_hat(adapter.q(batch.z0, t, eps), t, batch.cond) - eps)
+        for eps, e in zip(draws, predictions):
+            total = total + l2(e - eps)
         return FeatureOutput({"DL": total / self.config.dl_draws})

@@ -39,6 +39,8 @@ import torch
 from cdi.data.images import ImageDataset, ImageRecord
 from cdi.errors import FeatureError, Interrupted, OptionError
 from cdi.features.base import FeatureBatch
+from cdi.features.batching import MODES as TIMESTEP_BATCHING_MODES
+from cdi.features.batching import UNBATCHED, ModelCalls
 from cdi.features.cache import FeatureCache, default_cache_dir, effective_caption, effective_label, row_key
 from cdi.features.registry import FeatureConfig, plan_families
 from cdi.models.base import DiffusionAdapter
@@ -87,6 +89,7 @@ class FeatureExtractor(L.LightningModule):
         channels_last: bool = False,
         session: str = "",
         threads: int | None = None,
+        calls: ModelCalls = UNBATCHED,
     ) -> None:
         super().__init__()
         self.adapter = adapter
@@ -98,6 +101,7 @@ class FeatureExtractor(L.LightningModule):
         self.channels_last = channels_last
         self.session = session
         self.threads = threads
+        self.calls = calls
         self.families = plan_families(self.names, config)
 
     def on_predict_start(self) -> None:
@@ -134,7 +138,7 @@ class FeatureExtractor(L.LightningModule):
             seconds["encode"] = time.perf_counter() - started
             features = FeatureBatch(
                 z0=z0.detach(), cond=self.adapter.condition(labels, captions), sha256=list(batch["sha256"]),
-                seed=self.seed,
+                seed=self.seed, calls=self.calls,
             )
             values: dict[str, torch.Tensor] = {}
             for family in self.families:
@@ -237,6 +241,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_timestep_batching(mode: str, precision: str, device: str) -> bool:
+    """Whether families batch their timesteps (`cdi.features.batching`). `auto`: on where it is measured to
+    be faster and its features are cached apart anyway, i.e. in bf16 on CPU; off in float32, whose features
+    stay the reference bits (batched float32 differs from them by up to ~2e-6 relative, measured:
+    benchmarks/README.md), and off on CUDA until measured there."""
+    if mode not in TIMESTEP_BATCHING_MODES:
+        raise OptionError(f"--timestep-batching {mode!r}: choose one of {', '.join(TIMESTEP_BATCHING_MODES)}")
+    if mode == "auto":
+        return precision == "bf16" and device == "cpu"
+    return mode == "on"
+
+
+def _largest_call(config: FeatureConfig, batch_size: int) -> int:
+    """Rows of the largest batched model call: a batch times the most groups one family makes (GM's timesteps,
+    DL's draws, PIA and PIAN)."""
+    return batch_size * max(len(config.multi_timesteps), config.dl_draws, 2)
+
+
 def resolve_precision(precision: str, device: str) -> str:
     if precision not in PRECISIONS:
         raise OptionError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -300,8 +322,15 @@ def extract(
     precision: str = "auto",
     channels_last: bool | None = None,
     threads: int | None = None,
+    timestep_batching: str = "auto",
+    max_call_rows: int | None = None,
 ) -> ExtractionReport:
-    """Features of `records`, in their order, with cache statistics and timings."""
+    """Features of `records`, in their order, with cache statistics and timings.
+
+    `timestep_batching` (auto, on, off; `resolve_timestep_batching`): make each family's several same-shaped
+    model calls of a batch (GM/ML's timesteps, DL's draws, PIA and PIAN) as fewer calls of at most
+    `max_call_rows` rows (None: a family's calls of a batch in one); out of memory, the rows per call are
+    halved down to the batch size before the batch is."""
     if batch_size < 1:
         raise OptionError(f"--batch-size {batch_size}: must be a positive integer")
     if devices < 1 or num_nodes < 1:
@@ -309,6 +338,10 @@ def extract(
     config = config or FeatureConfig()
     accelerator = resolve_device(device)
     precision = resolve_precision(precision, accelerator)
+    batched = resolve_timestep_batching(timestep_batching, precision, accelerator)
+    if max_call_rows is not None and max_call_rows < 1:
+        raise OptionError(f"max_call_rows {max_call_rows}: must be a positive number of rows (or None)")
+    calls = ModelCalls(batched, max_call_rows)
     channels_last = accelerator == "cuda" if channels_last is None else channels_last
     names = tuple(names)
 
@@ -321,6 +354,8 @@ def extract(
     # Half-precision features differ from float32 ones (~1 %): they are cached apart. Float32 keeps the
     # plain key, so caches written before precision was part of it stay valid.
     key = config.to_dict() if precision == "32" else {**config.to_dict(), "precision": precision}
+    if batched:  # a larger batch rounds differently in the last bits (float32: measured ~1e-6 relative)
+        key = {**key, "timestep_batching": "on"}
     cache = FeatureCache.open(cache_root, adapter.info.fingerprint, key, seed)
     conditioning = adapter.info.conditioning
     keys = [_row_key(record, conditioning) for record in records]
@@ -336,7 +371,7 @@ def extract(
         session = _session_id(todo, names, conditioning)
         with half_precision_weights(adapter, precision if todo else "32"):
             _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
-                             num_nodes, strategy, precision, channels_last, threads, session)
+                             num_nodes, strategy, precision, channels_last, threads, session, calls)
         rows = cache.load(wanted, names)
         if devices * num_nodes > 1:
             rows = _wait_for_other_ranks(cache, wanted, names, rows)
@@ -414,18 +449,29 @@ def _session_id(todo: Sequence[ImageRecord], names: Sequence[str], conditioning:
 
 
 def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
-                     strategy, precision, channels_last, threads, session: str) -> None:
-    """Extract `todo` into the cache; out of memory: halve the batch and go on with the unfinished images.
+                     strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED) -> None:
+    """Extract `todo` into the cache; out of memory: with timestep batching, halve the rows per model call
+    (down to the batch size), else halve the batch, and go on with the unfinished images.
     Only out-of-memory errors are retried: Interrupted and every other error propagate."""
     conditioning = adapter.info.conditioning
     while todo:
         try:
             _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
-                     num_nodes, strategy, precision, channels_last, threads, session)
+                     num_nodes, strategy, precision, channels_last, threads, session, calls)
             return
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             if not _is_out_of_memory(exc):
                 raise
+            rows = calls.max_rows or _largest_call(config, batch_size)
+            if calls.batched and rows > batch_size:
+                calls = ModelCalls(True, max(batch_size, rows // 2))
+                log.warning("out of memory: retrying with at most %d rows per model call (timestep batching; "
+                            "finished batches are kept)", calls.max_rows)
+                if accelerator == "cuda":
+                    torch.cuda.empty_cache()
+                done = cache.load([_row_key(r, conditioning) for r in todo], names)
+                todo = [r for r in todo if _row_key(r, conditioning) not in done]
+                continue
             if batch_size == 1:
                 finished = len(cache.load([_row_key(r, conditioning) for r in todo], names))
                 raise FeatureError(
@@ -442,14 +488,14 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
 
 
 def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
-             strategy, precision, channels_last, threads, session: str) -> None:
+             strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED) -> None:
     info = adapter.info
     dataset = ImageDataset(todo, info.image_size, info.image_channels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=RankBatchSampler(len(dataset), batch_size), num_workers=0
     )
     module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last, session,
-                              threads)
+                              threads, calls)
     world_size = devices * num_nodes
     timeout = rendezvous_timeout() if world_size > 1 else None
     if strategy == "auto" and world_size > 1:

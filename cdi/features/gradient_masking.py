@@ -72,13 +72,11 @@ class MultipleLoss(FeatureFamily):
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         eps = image_noise(batch.z0, batch.sha256, batch.seed, SHARED_NOISE)
-        out = {}
-        for t_ref in self.config.multi_timesteps:
-            if f"ML_{t_ref}" not in self.wanted:
-                continue
-            t = adapter.timestep(t_ref)
-            out[f"ML_{t_ref}"] = l2(adapter.eps_hat(adapter.q(batch.z0, t, eps), t, batch.cond) - eps)
-        return FeatureOutput(out)
+        wanted = [t_ref for t_ref in self.config.multi_timesteps if f"ML_{t_ref}" in self.wanted]
+        ts = [adapter.timestep(t_ref) for t_ref in wanted]
+        # One model call per timestep, or fewer larger ones with timestep batching (`batch.calls`).
+        predictions = batch.calls.eps_hat(adapter, [adapter.q(batch.z0, t, eps) for t in ts], ts, batch.cond)
+        return FeatureOutput({f"ML_{t_ref}": l2(e - eps) for t_ref, e in zip(wanted, predictions)})
 
 
 class GradientMasking(FeatureFamily):
@@ -99,19 +97,17 @@ class GradientMasking(FeatureFamily):
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         z0 = batch.z0
         eps = image_noise(z0, batch.sha256, batch.seed, SHARED_NOISE)
-        out = {}
-        for t_ref in self.config.multi_timesteps:
-            t = adapter.timestep(t_ref)
-            if f"GM_{t_ref}" not in self.wanted:
-                continue
-            with torch.enable_grad():
-                z_t = adapter.q(z0, t, eps).detach().requires_grad_(True)
-                loss = l2(adapter.eps_hat(z_t, t, batch.cond) - eps)
-                (grad,) = torch.autograd.grad(loss.sum(), z_t)
-            if f"ML_{t_ref}" in self.wanted:
-                out[f"ML_{t_ref}"] = loss.detach()
-            mask = top_fraction_mask(grad, self.config.gm_mask_ratio)
-            with torch.no_grad():
-                z_m = mask * eps + (1 - mask) * z0
-                out[f"GM_{t_ref}"] = l2(mask * (eps - z0) - mask * adapter.eps_hat(z_m, t, batch.cond))
+        wanted = [t_ref for t_ref in self.config.multi_timesteps if f"GM_{t_ref}" in self.wanted]
+        ts = [adapter.timestep(t_ref) for t_ref in wanted]
+        # a) every timestep's forward+backward (one call each, or fewer larger ones: `batch.calls`) ...
+        losses, grads = batch.calls.loss_gradients(adapter, [adapter.q(z0, t, eps).detach() for t in ts], ts,
+                                                   batch.cond, [eps] * len(ts))
+        out = {f"ML_{t_ref}": loss for t_ref, loss in zip(wanted, losses) if f"ML_{t_ref}" in self.wanted}
+        masks = [top_fraction_mask(grad, self.config.gm_mask_ratio) for grad in grads]
+        # ... then every timestep's masked forward (d).
+        with torch.no_grad():
+            masked = [mask * eps + (1 - mask) * z0 for mask in masks]
+            predictions = batch.calls.eps_hat(adapter, masked, ts, batch.cond)
+            for t_ref, mask, e in zip(wanted, masks, predictions):
+                out[f"GM_{t_ref}"] = l2(mask * (eps - z0) - mask * e)
         return FeatureOutput(out)

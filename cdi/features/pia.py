@@ -27,11 +27,13 @@ class PIA(FeatureFamily):
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         t, p = adapter.timestep(self.config.pia_t), self.config.pia_p
         eps0 = batch.clean_eps(adapter)
-        out = {}
+        noises = {}
         if "PIA" in self.wanted:
-            out["PIA"] = lp(eps0 - adapter.eps_hat(adapter.q(batch.z0, t, eps0), t, batch.cond), p)
+            noises["PIA"] = eps0
         if "PIAN" in self.wanted:
             mean_abs = eps0.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
-            eps0_n = eps0 * (math.sqrt(2.0 / math.pi) / mean_abs).view(-1, *([1] * (eps0.dim() - 1)))
-            out["PIAN"] = lp(eps0_n - adapter.eps_hat(adapter.q(batch.z0, t, eps0_n), t, batch.cond), p)
-        return FeatureOutput(out)
+            noises["PIAN"] = eps0 * (math.sqrt(2.0 / math.pi) / mean_abs).view(-1, *([1] * (eps0.dim() - 1)))
+        # Both queries at t: two calls, or one of twice the rows with timestep batching (`batch.calls`).
+        predictions = batch.calls.eps_hat(adapter, [adapter.q(batch.z0, t, e) for e in noises.values()],
+                                          [t] * len(noises), batch.cond)
+        return FeatureOutput({name: lp(e - e_hat, p) for (name, e), e_hat in zip(noises.items(), predictions)})

@@ -15,13 +15,14 @@ _HOMES = {
     "SearchOutcome": "run", "run_search": "run", "search": "run",
     "SearchSpace": "space", "access_for": "space", "builtin_space": "space", "passes_per_image": "space",
     "Objective": "study", "create_study": "study", "optimize": "study",
-    "DEFAULT_EXPERIMENT": "tracking", "download_config": "tracking",
+    "DEFAULT_EXPERIMENT": "cdi.tracking.search", "download_config": "cdi.tracking.search",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _HOMES:
-        return getattr(import_module(f"cdi.search.{_HOMES[name]}"), name)
+        home = _HOMES[name]
+        return getattr(import_module(home if home.startswith("cdi.") else f"cdi.search.{home}"), name)
     raise AttributeError(f"module 'cdi.search' has no attribute {name!r}")
 
 

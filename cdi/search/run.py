@@ -16,7 +16,8 @@ from cdi.search.space import SearchSpace, builtin_space
 from cdi.search.study import (
     Objective, SearchSettings, _redact, best_config, create_study, make_pruner, new_session, optimize, trials_of,
 )
-from cdi.search.tracking import DEFAULT_EXPERIMENT, TrialRuns, calibration_params, log_study
+from cdi.tracking import search as search_layout
+from cdi.tracking.search import DEFAULT_EXPERIMENT, TrialRuns, log_study
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +94,10 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
     names = objective_names(multi_objective)
     settings = SearchSettings(n=n, n_resamples=n_resamples, alpha=alpha, seed=seed, multi_objective=multi_objective,
                               member_fraction=member_fraction)
-    with tracking.audit_run(uri, experiment, run_name=f"search-{study_name}") as run_id:
-        tracking.set_tags({"cdi.kind": "search", "cdi.study_name": study_name, "cdi.status": "searching"})
-        tracking.log_params({
-            "study_name": study_name, "storage": _redact(storage) if storage else "in-memory", "n_trials": n_trials,
-            "n_workers": n_workers, "n_per_side": n, "member_fraction": member_fraction, "resamples": n_resamples,
-            "alpha": alpha, "seed": seed, "pruner": pruner,
-            "multi_objective": multi_objective, "space": space.name, "space_features": ",".join(space.all_features),
-            **({"space_calibration": "; ".join(f"{k}={','.join(v)}" for k, v in space.calibration.items())}
-               if space.calibration else {}),
-            "session": session,
-            **calibration_params(data.description),
-            "calibration.n_images": len(data.sha256),
-        })
+    with tracking.audit_run(uri, experiment, run_name=search_layout.run_name(study_name)) as run_id:
+        search_layout.log_opened(study_name=study_name, storage=_redact(storage) if storage else "in-memory",
+                                 n_trials=n_trials, n_workers=n_workers, settings=settings, pruner=pruner,
+                                 space=space, session=session, data=data)
         trial_runs = TrialRuns(uri, run_id, names)
         started = time.perf_counter()
         optimize(study, objective, n_trials=n_trials, n_workers=n_workers, storage=storage, seed=seed,
@@ -125,14 +117,10 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
                 seen.add(tuple(t.values))
                 front.append({"trial": t.number, "strength": t.values[0], "passes_per_image": int(t.values[1]),
                               "power": t.user_attrs["power"], "features": t.user_attrs["features"]})
-        log_study(study, config, data.files, data.sha256, data.y.tolist(), names, {
-            "best_strength": config.objective["value"], "best_power": config.objective["power"],
-            "best_passes_per_image": config.objective["passes_per_image"], "n_trials_run": len(mine),
-            "n_trials_pruned": sum(t.state.name == "PRUNED" for t in mine),
-            "n_trials_study": len(study.trials), "seconds_features": seconds_features,
-            "seconds_trials": seconds_trials, **({"pareto_size": len(front)} if multi_objective else {}),
-        })
-        tracking.set_tags({"cdi.status": "done"})
+        log_study(study, config, data.files, data.sha256, data.y.tolist(), names,
+                  search_layout.summary_metrics(config, mine, study, seconds_features=seconds_features,
+                                                seconds_trials=seconds_trials, pareto_size=len(front)))
+        search_layout.set_status("done")
     return SearchOutcome(config=config, run_id=run_id, study=study, pareto_front=front,
                          seconds_features=seconds_features, seconds_trials=seconds_trials)
 

@@ -158,7 +158,7 @@ def create_study(study_name: str, storage: str | None, *, multi_objective: bool,
     """The study (loaded if `storage` has it), with a key (`STUDY_KEY_ATTR`) that names its trials' MLflow runs."""
     import optuna
 
-    from cdi.search.tracking import STUDY_KEY_ATTR
+    from cdi.tracking.search import STUDY_KEY_ATTR
 
     directions = ["maximize", "minimize"] if multi_objective else ["maximize"]
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage), directions=directions,

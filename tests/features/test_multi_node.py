@@ -57,7 +57,8 @@ def test_two_nodes_running_the_same_command_share_the_work_and_rank_0_alone_repo
         with np.load(shard) as data:
             for family, seconds in json.loads(str(data["seconds"])).items():
                 spent[family] = spent.get(family, 0.0) + seconds
-    logged = {key.split(".", 1)[1]: value for key, value in runs[0].data.metrics.items() if key.startswith("seconds.")}
+    logged = {key.removeprefix("extraction.seconds."): value for key, value in runs[0].data.metrics.items()
+              if key.startswith("extraction.seconds.")}
     assert spent.keys() <= logged.keys() and all(abs(logged[f] - spent[f]) < 1e-3 for f in spent)
 
     # The merged features are the bits one process computes alone.

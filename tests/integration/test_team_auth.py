@@ -94,7 +94,7 @@ def test_basic_auth_server_refuses_audits_without_a_valid_login_and_takes_a_memb
         capsys.readouterr().err
     result = json.loads(out.read_text())
     run = mlflow.MlflowClient(server.url).get_run(result["run_id"])
-    assert run.info.status == "FINISHED" and run.data.metrics["p_value"] == result["p_value"]
+    assert run.info.status == "FINISHED" and run.data.metrics["stats.p_value"] == result["p_value"]
     assert run.info.experiment_id == made.json()["experiment_id"]
     assert "result.json" in {f.path for f in mlflow.MlflowClient(server.url).list_artifacts(result["run_id"])}
     # ... and only to logged-in users.

@@ -56,10 +56,10 @@ def test_server_killed_mid_audit_then_restarted_and_resume_finishes_the_same_run
 
     run = mlflow.MlflowClient(server.url).get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["p_value"] == result["p_value"]
+    assert run.data.metrics["stats.p_value"] == result["p_value"]
     n_images = result["n_suspect"] + result["n_control"]
     assert model_passes == [0]  # the cache served every image: no model pass was repeated
-    assert (run.data.metrics["cache_misses"], run.data.metrics["cache_hits"]) == (0, n_images)
+    assert (run.data.metrics["extraction.cache_misses"], run.data.metrics["extraction.cache_hits"]) == (0, n_images)
 
     keys = s3_keys(server.artifacts_destination)
     for artifact in ARTIFACTS:

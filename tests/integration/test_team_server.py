@@ -75,5 +75,5 @@ def test_two_audits_at_once_give_two_finished_runs(team_server, bucket_keys, cli
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params["seed"] == str(seed)
-        assert "p_value" in run.data.metrics
+        assert "stats.p_value" in run.data.metrics
         assert any(key.endswith(f"/{run_id}/artifacts/result.json") for key in keys)

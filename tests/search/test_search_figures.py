@@ -38,7 +38,7 @@ def test_a_failing_importance_evaluation_skips_that_figure_with_a_warning(synthe
         raise RuntimeError("evaluator broke")
 
     monkeypatch.setattr(ovm, "plot_param_importances", broken)
-    with caplog.at_level(logging.WARNING, logger="cdi.search.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cdi.tracking.search"):
         outcome = search(synthetic(n_per_side=30), builtin_space("white"), n_trials=5, n=10, n_resamples=1, seed=2,
                          experiment="search-figures")
     artifacts = _artifacts(tracking_uri, outcome.run_id)

@@ -13,7 +13,7 @@ import cdi
 from cdi.search import builtin_space, run_search, search
 from cdi.search import run as search_run
 from cdi.search.study import open_storage
-from cdi.search.tracking import TRIAL_KEY_TAG, TrialRuns
+from cdi.tracking.search import TRIAL_KEY_TAG, TrialRuns
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 
@@ -91,7 +91,7 @@ def test_the_median_pruner_stops_weak_trials_and_keeps_the_best_on_synthetic_dat
     assert pruned.config.features == plain.config.features
     assert pruned.config.objective == plain.config.objective and pruned.config.C == plain.config.C
     run = mlflow.MlflowClient(tracking_uri).get_run(pruned.run_id)
-    assert run.data.params["pruner"] == "median" and run.data.metrics["n_trials_pruned"] >= 1
+    assert run.data.params["pruner"] == "median" and run.data.metrics["search.n_trials_pruned"] >= 1
 
 
 def test_the_median_pruner_keeps_the_demo_search_best_configuration(tracking_uri):

@@ -59,7 +59,7 @@ def test_search_keeps_the_signal_families_and_drops_most_noise_ones(synthetic, t
     client = mlflow.MlflowClient(tracking_uri)
     parent = client.get_run(outcome.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["cdi.kind"] == "search"
-    assert parent.data.metrics["best_strength"] == pytest.approx(config.objective["value"])
+    assert parent.data.metrics["stats.best_strength"] == pytest.approx(config.objective["value"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{outcome.run_id}'", max_results=500)
     assert len(children) == 60

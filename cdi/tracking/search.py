@@ -34,6 +34,52 @@ DEFAULT_EXPERIMENT = "cdi-search"
 _RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "SCHEDULED"}
 
 
+def run_name(study_name: str) -> str:
+    """`search-<study name>`."""
+    return f"search-{study_name}"
+
+
+def set_status(status: str) -> None:
+    """The parent run's `cdi.status`: searching, done (failed and interrupted are set by `audit_run`)."""
+    from cdi.tracking import set_tags
+
+    set_tags({"cdi.status": status})
+
+
+def log_opened(*, study_name: str, storage: str, n_trials: int, n_workers: int, settings: Any, pruner: str,
+               space: Any, session: str, data: Any) -> None:
+    """The parent run's tags and params: the study (`storage` already without secrets), the search settings
+    (`cdi.search.study.SearchSettings`), the space and the calibration data (`CalibrationData`)."""
+    from cdi.tracking import log_params, set_tags
+
+    set_tags({"cdi.kind": "search", "cdi.study_name": study_name, "cdi.status": "searching"})
+    log_params({
+        "study_name": study_name, "storage": storage, "n_trials": n_trials, "n_workers": n_workers,
+        "n_per_side": settings.n, "member_fraction": settings.member_fraction, "resamples": settings.n_resamples,
+        "alpha": settings.alpha, "seed": settings.seed, "pruner": pruner, "multi_objective": settings.multi_objective,
+        "space": space.name, "space_features": ",".join(space.all_features),
+        **({"space_calibration": "; ".join(f"{k}={','.join(v)}" for k, v in space.calibration.items())}
+           if space.calibration else {}),
+        "session": session,
+        **calibration_params(data.description),
+        "calibration.n_images": len(data.sha256),
+    })
+
+
+def summary_metrics(config: SearchConfig, trials: Sequence[Any], study: Any, *, seconds_features: float,
+                    seconds_trials: float, pareto_size: int) -> dict[str, float]:
+    """The parent run's metrics: the best configuration's (`stats.*`), the study's (`search.*`: this session's
+    `trials`, the study's total, pruned trials, time), the feature extraction's (`extraction.seconds`)."""
+    multi = len(study.directions) > 1
+    return {
+        "stats.best_strength": config.objective["value"], "stats.best_power": config.objective["power"],
+        "stats.best_passes_per_image": config.objective["passes_per_image"],
+        "search.n_trials_run": len(trials), "search.n_trials_pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "search.n_trials_study": len(study.trials), "search.seconds": seconds_trials,
+        "extraction.seconds": seconds_features, **({"search.pareto_size": pareto_size} if multi else {}),
+    }
+
+
 def calibration_params(description: Mapping[str, Any]) -> dict[str, Any]:
     """The calibration data's description as run params: `calibration.<key>`, reference models flattened."""
     params = {f"calibration.{k}": v for k, v in description.items() if k != "reference_models"}

@@ -1,13 +1,14 @@
-"""How an audit is laid out in MLflow. The only module that talks to MLflow.
+"""cdi's MLflow layer: the only package that talks to MLflow and names what is logged.
 
-One run per audit, in experiment `cdi-audits` unless told otherwise:
-- params: model path and fingerprint, set sizes, access level, features, seed, alpha, folds,
-  the feature configuration (`feature.*`) and the versions of cdi, torch, diffusers, lightning;
-- metrics: `p_value`, `t_statistic`, `auc`, ...;
-- artifacts: `features.csv` (one row per image), `result.json`, `summary.md`;
-- tags: `cdi.verdict`, `cdi.status` (extracting, scoring, done; failed on a FAILED run, interrupted on a
-  KILLED one), `cdi.model_fingerprint`, and the Markdown description (`mlflow.note.content`).
-When started by `mlflow run`, the audit logs into the project's run (MLFLOW_RUN_ID), which `mlflow run
+- `cdi.tracking` (this module): the store. Connecting (`connect`), the run of an audit, calibration or
+  search (`audit_run`: resume, status on failure or interrupt, artifact-store check), params without
+  None values or secrets (`log_params`), tags, downloads, secret redaction.
+- `cdi.tracking.audit`: how an audit run is laid out (names of its params, `stats.*` and
+  `extraction.*` metrics, tags, datasets, models, artifacts); `cdi.tracking.calibration` and
+  `cdi.tracking.search` the same for `cdi calibrate` and `cdi search`. The audit, calibrate and search
+  code hand them result objects.
+
+When started by `mlflow run`, a run logs into the project's run (MLFLOW_RUN_ID), which `mlflow run
 --experiment-name` placed; a run name MLflow made up is replaced by cdi's (`mlflow.runName` tag).
 Runs cdi creates are named after what they are: `audit-<model folder>-<fingerprint[:8]>` in cdi-audits,
 `search-<study>` in cdi-search, `calibrate-<model folder>` in cdi-calibration. With psutil installed
@@ -46,12 +47,10 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 from cdi.errors import Interrupted, TrackingError
-from cdi.text import printable_path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "cdi-audits"
 NOTE_TAG = "mlflow.note.content"
 #: The experiment tag MLflow 3's UI reads to choose its view; cdi's experiments are model development.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -651,77 +650,6 @@ def log_params(params: Mapping[str, Any]) -> None:
                        if key not in existing and value is not None})
 
 
-def image_set_digest(sha256s: Any) -> str:
-    """The MLflow dataset digest of an image set: the same pictures give the same digest whatever the folder or
-    file names (sha256 over the sorted image sha256s, cut to the 32 characters MLflow stores)."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(sha256s)).encode()).hexdigest()[:32]
-
-
-def log_image_sets(sets: Any) -> None:
-    """Log each audited image set as an MLflow dataset input of the active run: `sets` holds
-    (context, folder, records) with context "suspect" or "control". Each dataset is a small table (file,
-    sha256, label, caption), named after its folder, whose source is the folder and whose digest comes from
-    the images (`image_set_digest`): the UI's Datasets column then says what was audited, and every audit
-    of one image set shares one digest."""
-    import warnings
-
-    import mlflow
-    import pandas as pd
-    from mlflow.data.pandas_dataset import from_pandas
-
-    for context, folder, records in sets:
-        root = Path(folder).resolve()
-        table = pd.DataFrame({
-            "file": [printable_path(_relative(r.path, root)) for r in records],
-            "sha256": [r.sha256 for r in records],
-            "label": [None if r.label is None else str(r.label) for r in records],
-            "caption": [r.caption for r in records],
-        })
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
-            dataset = from_pandas(table, source=str(root), name=f"{context}: {printable_path(root.name)}",
-                                  digest=image_set_digest(r.sha256 for r in records))
-        mlflow.log_input(dataset, context=context)
-
-
-def log_audited_models(models: Any, p_value: float | None = None) -> list[str]:
-    """Link the active run to one MLflow 3 logged model per audited model: `models` holds (role, fingerprint,
-    path, pipeline class) with role "target" or "reference". Each model is an external logged model named
-    `<role>-<fingerprint[:12]>`, found again by later audits of the same model in this experiment (its tags hold
-    the full fingerprint), so the UI's Models tab lists every audit of one model: each audit logs its p-value
-    against the target model (and a marker metric against each reference). Returns the model ids."""
-    import mlflow
-
-    run = mlflow.active_run()
-    ids = []
-    for role, fingerprint, path, pipeline_class in models:
-        name = f"{role}-{fingerprint[:12]}"
-        found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                            filter_string=f"name = '{name}'", output_format="list", max_results=1)
-        model = found[0] if found else mlflow.create_external_model(
-            name=name, source_run_id=run.info.run_id, model_type="diffusers-pipeline",
-            tags={"cdi.model_fingerprint": fingerprint, "cdi.role": role, "cdi.pipeline_class": pipeline_class,
-                  "cdi.model_path": redact_text(str(path), mlflow.get_tracking_uri())})
-        ids.append(model.model_id)
-    # A metric logged against a logged model links the run to it (the model's metrics name their runs);
-    # MLflow OSS does not take logged models as run inputs.
-    for (role, *_), model_id in zip(models, ids):
-        if role == "target" and p_value is not None:
-            mlflow.log_metric("p_value", float(p_value), model_id=model_id)
-        else:
-            mlflow.log_metric("audited_as_reference", 1.0, model_id=model_id)
-    return ids
-
-
-def _relative(path: Any, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(root).as_posix()
-    except ValueError:
-        return Path(path).name
-
-
 def log_metrics(metrics: Mapping[str, float]) -> None:
     import mlflow
 
@@ -734,37 +662,6 @@ def set_tags(tags: Mapping[str, str]) -> None:
 
     uri = mlflow.get_tracking_uri()
     mlflow.set_tags({key: redact_text(str(value), uri) for key, value in tags.items()})
-
-
-def log_evidence(
-    result: Mapping[str, Any],
-    table: "Any",
-    summary_markdown: str,
-    manifest: Mapping[str, Any],
-    report_html: str | None,
-) -> None:
-    """Log the per-image table, result JSON, manifest, report and the Markdown description.
-
-    Every string in them is stored without the tracking URI's secrets (numbers are left as they are).
-    """
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    table = table.copy()
-    for column in table.select_dtypes(include="object").columns:
-        table[column] = table[column].map(lambda cell: redact_text(cell, uri) if isinstance(cell, str) else cell)
-    summary_markdown = redact_text(summary_markdown, uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        table.to_csv(folder / "features.csv", index=False)
-        strict = json.dumps(redact_value(result, uri), indent=2, sort_keys=True, allow_nan=False)  # valid JSON only
-        (folder / "result.json").write_text(strict)
-        (folder / "summary.md").write_text(summary_markdown)
-        (folder / "manifest.json").write_text(json.dumps(redact_value(manifest, uri), indent=2, sort_keys=True))
-        if report_html is not None:
-            (folder / "report.html").write_text(redact_text(report_html, uri))
-        mlflow.log_artifacts(str(folder))
-    mlflow.set_tag(NOTE_TAG, summary_markdown)
 
 
 def download_json(run_id: str, artifact: str, tracking_uri: str) -> dict:
