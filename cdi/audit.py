@@ -22,7 +22,7 @@ from cdi.features.extraction import worker_rank
 from cdi.models import load_model
 from cdi.manifest import build_manifest, image_entries, image_metadata
 from cdi.stats import image_statistics
-from cdi.stats.assessment import TEST_NAMES, assess, evidence_fields
+from cdi.stats.assessment import TESTS, assess, evidence_fields
 from cdi.stats.progress import StderrProgress, reporting
 from cdi.stats.difficulty import DIFFICULTY_MODES, REFERENCE_FORMULAS, REPRESENTATIONS, calibrate, difficulty_covariates
 
@@ -407,7 +407,7 @@ class AuditPlan:
             "folds": s.folds,
             "C": s.C,
             "penalty": s.penalty,
-            "test": TEST_NAMES[s.test],
+            "test": s.test,
             "n_permutations": s.n_permutations if s.test == "permutation" else None,
             "power_resamples": s.power_resamples,
             "batch_size": x.batch_size,
@@ -455,7 +455,7 @@ def plan_audit(
             settings[key] = chosen.get(key, settings[key])
     settings["difficulty_calibration"] = settings["difficulty_calibration"] or DEFAULT_DIFFICULTY
     _check_options(settings["alpha"], settings["folds"], settings["seed"])
-    if settings["test"] not in TEST_NAMES:
+    if settings["test"] not in TESTS:
         raise OptionError(f"--test {settings['test']!r}: choose permutation (exact, default) or welch "
                           "(the paper's protocol)")
     if not 0 <= settings["power_resamples"] <= MAX_POWER_RESAMPLES:

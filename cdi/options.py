@@ -1,4 +1,4 @@
-"""Value types of command-line options shared by every subcommand (`cdi.cli`, `cdi.search.cli`)."""
+"""Value types of command-line options shared by every subcommand (`cdi.cli`)."""
 
 from __future__ import annotations
 

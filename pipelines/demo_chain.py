@@ -187,6 +187,7 @@ def _audit(pipeline: Pipeline, trained: StepRecord, folder: Path, auditing: dict
 
 def build_parser() -> argparse.ArgumentParser:
     from cdi.cli import Parser
+    from cdi.cli.common import add_compute_options
     from cdi.options import count as _count
     from cdi.options import positive_int as _positive_int
 
@@ -206,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=_count, default=0, help="seed of the audit's noise draws and folds (default 0)")
     audit.add_argument("--output", type=optional_path, default=None, help="also write the result JSON here")
     compute = parser.add_argument_group("compute and tracking (not part of any reuse key)")
-    compute.add_argument("--batch-size", type=_positive_int, default=50, help="audit batch (default 50)")
-    compute.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    compute.add_argument("--threads", type=_count, default=0, help="CPU threads for the audit (default 0: torch's)")
+    add_compute_options(compute, batch_size=50)
     compute.add_argument("--cache-dir", type=optional_text, default=None)
     compute.add_argument("--work-dir", type=optional_text, default=None,
                          help="where trained targets go (default $CDI_PIPELINE_DIR, else ~/.cache/cdi/pipelines)")

@@ -343,6 +343,7 @@ def _fraction(text: str) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from cdi.cli import Parser
+    from cdi.cli.common import add_compute_options
     from cdi.options import count as _count
     from cdi.options import positive_int as _positive_int
 
@@ -380,9 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--report", type=optional_path, default=None, help="also write the audit's report.html here")
     audit.add_argument("--output", type=optional_path, default=None, help="also write the result JSON here")
     compute = parser.add_argument_group("compute and tracking (not part of any reuse key)")
-    compute.add_argument("--batch-size", type=_positive_int, default=50)
-    compute.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    compute.add_argument("--threads", type=_count, default=0, help="CPU threads for torch (default 0: torch's choice)")
+    add_compute_options(compute, batch_size=50)
     compute.add_argument("--cache-dir", type=optional_text, default=None,
                          help="feature cache (default as for cdi audit)")
     compute.add_argument("--work-dir", type=optional_text, default=None,

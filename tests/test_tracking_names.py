@@ -41,3 +41,22 @@ def test_a_param_whose_value_is_none_is_not_logged(tracking_uri):
         tracking.log_params({"prompt": None, "threads": None, "seed": 0, "features": ["DL", "PIA"]})
     params = mlflow.MlflowClient(tracking_uri).get_run(run_id).data.params
     assert params == {"seed": "0", "features": "DL,PIA"}  # no "None" strings in the UI's params table
+
+
+def test_a_local_sqlite_store_keeps_artifacts_beside_its_database_not_in_the_working_directory(tmp_path, monkeypatch):
+    import mlflow
+
+    from cdi import tracking
+
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    experiment_id = tracking.connect(uri, "cdi audits/2026")
+    location = mlflow.get_experiment(experiment_id).artifact_location
+    assert location == (store / "mlruns" / "cdi_audits_2026").as_uri()
+    with mlflow.start_run(experiment_id=experiment_id):
+        mlflow.log_text("x", "note.txt")
+    assert list((store / "mlruns").rglob("note.txt")) and not list(elsewhere.iterdir())
+    assert tracking.local_artifact_location("http://127.0.0.1:5000", "x") is None

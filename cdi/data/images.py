@@ -344,7 +344,6 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         return {
-            "index": index,
             "image": load_image(record.path, self.size, self.channels),
             "sha256": record.sha256,
             "label": -1 if record.label is None else record.label,

@@ -26,8 +26,9 @@ TABLE_COLUMNS = ("file_name", "path", "sha256", "set", "oof_score")
 
 TEST_DESCRIPTIONS = {
     "permutation": "permutation test (exact p-value from shuffling the suspect/control labels)",
-    "welch_one_sided": "one-sided Welch t-test (the paper's protocol)",
+    "welch": "one-sided Welch t-test (the paper's protocol)",
 }
+TEST_DESCRIPTIONS["welch_one_sided"] = TEST_DESCRIPTIONS["welch"]  # the name audits before 2026-12-03 recorded
 ACCESS_DESCRIPTIONS = {
     "gray": "gray-box: the model's noise predictions only",
     "white": "white-box: noise predictions and gradients through the model",

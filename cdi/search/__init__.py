@@ -15,7 +15,7 @@ _HOMES = {
     "SearchOutcome": "run", "run_search": "run", "search": "run",
     "SearchSpace": "space", "access_for": "space", "builtin_space": "space", "passes_per_image": "space",
     "Objective": "study", "create_study": "study", "optimize": "study",
-    "DEFAULT_EXPERIMENT": "cdi.tracking.search", "download_config": "cdi.tracking.search",
+    "EXPERIMENT": "cdi.tracking.search", "download_config": "cdi.tracking.search",
 }
 
 
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CONFIG_ARTIFACT",
-    "DEFAULT_EXPERIMENT",
+    "EXPERIMENT",
     "CalibrationData",
     "Objective",
     "Score",

@@ -14,10 +14,10 @@ from cdi.search.config import SearchConfig
 from cdi.search.objective import CalibrationData
 from cdi.search.space import SearchSpace, builtin_space
 from cdi.search.study import (
-    Objective, SearchSettings, _redact, best_config, create_study, make_pruner, new_session, optimize, trials_of,
+    Objective, SearchSettings, best_config, create_study, make_pruner, new_session, optimize, trials_of,
 )
 from cdi.tracking import search as search_layout
-from cdi.tracking.search import DEFAULT_EXPERIMENT, TrialRuns, log_study
+from cdi.tracking.search import EXPERIMENT, TrialRuns, log_study
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Pa
 
 def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: int = 50, n_resamples: int = 10,
            alpha: float = 0.01, seed: int = 0, multi_objective: bool = False, study_name: str = "cdi-search",
-           storage: str | None = None, n_workers: int = 1, experiment: str = DEFAULT_EXPERIMENT,
+           storage: str | None = None, n_workers: int = 1, experiment: str = EXPERIMENT,
            tracking_uri: str | None = None, seconds_features: float = 0.0,
            member_fraction: float = 1.0, pruner: str = "none") -> SearchOutcome:
     """Run the study on `data` and record it as one MLflow run with a nested run per trial, each written as
@@ -95,7 +95,7 @@ def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: 
     settings = SearchSettings(n=n, n_resamples=n_resamples, alpha=alpha, seed=seed, multi_objective=multi_objective,
                               member_fraction=member_fraction)
     with tracking.audit_run(uri, experiment, run_name=search_layout.run_name(study_name)) as run_id:
-        search_layout.log_opened(study_name=study_name, storage=_redact(storage) if storage else "in-memory",
+        search_layout.log_opened(study_name=study_name, storage=tracking.redact_uri(storage) if storage else "in-memory",
                                  n_trials=n_trials, n_workers=n_workers, settings=settings, pruner=pruner,
                                  space=space, session=session, data=data)
         trial_runs = TrialRuns(uri, run_id, names)

@@ -25,6 +25,7 @@ from cdi.errors import OptionError
 from cdi.search.config import SearchConfig
 from cdi.search.objective import CalibrationData, detection_score, resamples
 from cdi.search.space import SearchSpace, access_for, passes_per_image
+from cdi.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -124,25 +125,16 @@ def open_storage(url: str | None) -> Any:
     import optuna
 
     if not url.startswith(("sqlite:", "postgresql", "mysql")):
-        raise OptionError(f"--storage {url}: give a database URL such as sqlite:///search.db or "
+        raise OptionError(f"--storage {redact_uri(url)}: give a database URL such as sqlite:///search.db or "
                           "postgresql://user@host/db")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as exc:  # e.g. no PostgreSQL driver installed
-        raise OptionError(f"--storage {_redact(url)}: {exc}; install the database driver (PostgreSQL: pip install 'psycopg[binary]')") from exc
+        raise OptionError(f"--storage {redact_uri(url)}: {exc}; install the database driver (PostgreSQL: pip install 'psycopg[binary]')") from exc
     except Exception as exc:  # SQLAlchemy's OperationalError and friends: the database does not answer
-        raise OptionError(f"--storage {_redact(url)}: cannot open the study storage "
+        raise OptionError(f"--storage {redact_uri(url)}: cannot open the study storage "
                           f"({str(exc).strip().splitlines()[0]})") from exc
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs and params."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else url
-    return url
 
 
 def _sampler(multi_objective: bool, seed: int, n_trials: int) -> Any:

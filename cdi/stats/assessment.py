@@ -24,7 +24,8 @@ from cdi.stats.shift import shift_check
 
 log = logging.getLogger(__name__)
 
-TEST_NAMES = {"permutation": "permutation", "welch": "welch_one_sided"}
+#: The tests an audit can run, by the one name the CLI, the result JSON, params and the report use.
+TESTS = ("permutation", "welch")
 
 
 @dataclass
@@ -88,7 +89,7 @@ def assess(
             f"The null check (two random halves of the control set) was significant (p = {null.p_value:.3g}): "
             "the pipeline may be miscalibrated on these data; treat the verdict with caution."
         )
-    return Assessment(fitted, TEST_NAMES[test], welch.p_value, null, shift, power, warnings)
+    return Assessment(fitted, test, welch.p_value, null, shift, power, warnings)
 
 
 def evidence_fields(assessment: Assessment, feature_names: Sequence[str]) -> dict[str, Any]:

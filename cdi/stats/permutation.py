@@ -37,12 +37,12 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from cdi.stats.scoring import (
-    _check_features_and_labels,
-    _check_options,
+    check_features_and_labels,
+    check_scorer_options,
     is_positive_integer,
-    _logistic_regression,
+    logistic_regression,
     OptionValueError,
-    _threadpools,
+    threadpools,
 )
 from cdi.stats.progress import report
 
@@ -213,7 +213,7 @@ def _cross_fit_scores_sklearn(
         for fold in range(n_splits):
             train, held_out = fold_ids != fold, fold_ids == fold
             scaler = StandardScaler().fit(X[train])
-            classifier = _logistic_regression(C, penalty, max_iter, random_state)
+            classifier = logistic_regression(C, penalty, max_iter, random_state)
             classifier.fit(scaler.transform(X[train]), y[train])
             scores[row, held_out] = classifier.predict_proba(scaler.transform(X[held_out]))[:, 1]
     return scores
@@ -223,7 +223,7 @@ def _statistics_of_permutations(X, outer, y, fold_ids, permutations, statistic, 
     """Statistic of the pipeline re-run with (label, fold) pairs shuffled by each permutation."""
     n_splits, C, penalty, max_iter, random_state = options
     labels, folds = y[permutations], fold_ids[permutations]
-    with _threadpools().limit(limits=1, user_api="blas"):
+    with threadpools().limit(limits=1, user_api="blas"):
         if penalty == "l2":
             scores = _cross_fit_scores_newton(X, outer, labels, folds, n_splits, C)
         else:
@@ -261,9 +261,9 @@ def cross_fitted_permutation_test(
     default_rng(random_state) (rows of `rng.permuted(tile(arange(n)), axis=1)`, at most 50 at a
     time), so the result does not depend on n_jobs. `n_jobs` follows joblib (None: 1, -1: all).
     """
-    _check_options(n_splits, C, penalty, max_iter)
+    check_scorer_options(n_splits, C, penalty, max_iter)
     check_permutation_options(n_permutations, statistic)
-    X, y = _check_features_and_labels(X, y, n_splits)
+    X, y = check_features_and_labels(X, y, n_splits)
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
     fold_ids = np.empty(len(y), dtype=int)
     for fold, (_, held_out) in enumerate(folds.split(X, y)):

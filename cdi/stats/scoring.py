@@ -27,7 +27,7 @@ _SKLEARN_HAS_L1_RATIO_PENALTY = tuple(int(p) for p in sklearn.__version__.split(
 
 
 @cache
-def _threadpools() -> ThreadpoolController:
+def threadpools() -> ThreadpoolController:
     """The BLAS/OpenMP pools loaded in this process, inspected once (inspecting costs ~5 ms)."""
     return ThreadpoolController()
 
@@ -40,7 +40,7 @@ class FeatureValueError(FeatureError, ValueError):
     """Features or labels cannot be scored (a ValueError, as scikit-learn users expect)."""
 
 
-def _logistic_regression(C: float, penalty: str | None, max_iter: int, random_state: int | None):
+def logistic_regression(C: float, penalty: str | None, max_iter: int, random_state: int | None):
     """LogisticRegression with the requested penalty, spelled for the installed scikit-learn."""
     solver = "liblinear" if penalty == "l1" else "lbfgs"  # lbfgs has no L1
     if _SKLEARN_HAS_L1_RATIO_PENALTY:
@@ -58,7 +58,7 @@ def _logistic_regression(C: float, penalty: str | None, max_iter: int, random_st
     )
 
 
-def _check_options(n_splits: int, C: float, penalty: str | None, max_iter: int) -> None:
+def check_scorer_options(n_splits: int, C: float, penalty: str | None, max_iter: int) -> None:
     if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
         raise OptionValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
     if not np.isfinite(C) or C <= 0:
@@ -79,7 +79,7 @@ def check_alpha(alpha) -> None:
         raise OptionValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
 
 
-def _check_features_and_labels(X, y, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
+def check_features_and_labels(X, y, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
     """Return X as float (n, d) and y as int {0, 1} (n,), or raise a ValueError saying why not."""
     X = np.asarray(X, dtype=float)
     if X.ndim != 2:
@@ -143,8 +143,8 @@ class CrossFittedScorer(BaseEstimator):
 
     def fit(self, X, y) -> CrossFittedScorer:
         """Score every row of X out of fold; y is 1 for suspect (P) and 0 for control (U)."""
-        _check_options(self.n_splits, self.C, self.penalty, self.max_iter)
-        X, y = _check_features_and_labels(X, y, self.n_splits)
+        check_scorer_options(self.n_splits, self.C, self.penalty, self.max_iter)
+        X, y = check_features_and_labels(X, y, self.n_splits)
         folds = StratifiedKFold(
             n_splits=self.n_splits, shuffle=True, random_state=self.random_state
         )
@@ -154,11 +154,11 @@ class CrossFittedScorer(BaseEstimator):
         coefs = []
         # The per-fold problems are tiny (hundreds of images, tens of features): threaded BLAS only
         # adds overhead there (about 40x slower lbfgs fits measured on a busy 2-core machine).
-        with _threadpools().limit(limits=1, user_api="blas"):
+        with threadpools().limit(limits=1, user_api="blas"):
             for fold, (train, held_out) in enumerate(folds.split(X, y)):
                 # per-feature standardisation fitted on the training folds only
                 scaler = StandardScaler().fit(X[train])
-                classifier = _logistic_regression(
+                classifier = logistic_regression(
                     self.C, self.penalty, self.max_iter, self.random_state
                 )
                 classifier.fit(scaler.transform(X[train]), y[train])
@@ -176,4 +176,4 @@ class CrossFittedScorer(BaseEstimator):
         return self
 
 
-__all__ = ["CrossFittedScorer"]
+__all__ = ["CrossFittedScorer", "check_features_and_labels", "check_scorer_options", "logistic_regression", "threadpools"]

@@ -205,7 +205,8 @@ def connect(tracking_uri: str, experiment: str) -> str:
                 return mlflow.get_run(run_id).info.experiment_id
             found = mlflow.get_experiment_by_name(experiment)
             if found is None:  # cdi's own experiments open in the UI as model-training ones, not GenAI
-                return mlflow.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                return mlflow.create_experiment(experiment, artifact_location=local_artifact_location(tracking_uri, experiment),
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             return found.experiment_id
     except (MlflowException, SQLAlchemyError, OSError, ConnectionError) as exc:
         refused = _refusal(exc, tracking_uri, None if run_id else experiment)
@@ -215,6 +216,18 @@ def connect(tracking_uri: str, experiment: str) -> str:
             f"--tracking-uri {redact_uri(tracking_uri)}: cannot use the tracking store ({_first_line(exc)}); "
             "start the server or pass a reachable URI", tracking_uri
         ) from exc
+
+
+def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: `mlruns/<experiment>` beside the
+    database file, whatever the working directory (MLflow's own default, `./mlruns` of the process that
+    creates the experiment, scatters one store's artifacts over the folders cdi happened to run in). None for
+    other stores: a server or database decides for itself."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri.startswith("sqlite:///:memory:"):
+        return None
+    database = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (database.resolve().parent / "mlruns" / folder).as_uri()
 
 
 def _probe_server(tracking_uri: str, experiment: str) -> None:

@@ -30,7 +30,7 @@ from cdi.search.config import CONFIG_ARTIFACT, SearchConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "cdi-search"
+EXPERIMENT = "cdi-search"
 _RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "SCHEDULED"}
 
 
@@ -318,5 +318,5 @@ def download_config(run_id: str, tracking_uri: str) -> SearchConfig:
     return config
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "MIN_TRIALS_FOR_IMPORTANCES", "STUDY_KEY_ATTR", "TRIAL_KEY_TAG", "TrialRuns",
+__all__ = ["EXPERIMENT", "MIN_TRIALS_FOR_IMPORTANCES", "STUDY_KEY_ATTR", "TRIAL_KEY_TAG", "TrialRuns",
            "calibration_params", "download_config", "log_figures", "log_study", "trial_key"]

@@ -67,3 +67,12 @@ def test_postgresql_storage_shared_by_two_workers(synthetic):
         assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+@pytest.mark.parametrize("url", ["postgresql://auditor:hunter2-long-secret@127.0.0.1:1/optuna",
+                                 "http://auditor:hunter2-long-secret@127.0.0.1:1/optuna"])
+def test_a_storage_that_cannot_be_opened_is_named_without_its_password(url):
+    with pytest.raises(OptionError) as refused:
+        open_storage(url)
+    message = str(refused.value)
+    assert "hunter2-long-secret" not in message and "auditor:***@127.0.0.1" in message

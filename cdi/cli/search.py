@@ -1,44 +1,44 @@
-"""The `cdi search` subcommand: its options and the thin call into `cdi.search.run_search`."""
+"""`cdi search`: which features and scorer settings to audit with, searched on calibration data (Optuna)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from cdi.cli.common import (add_access_option, add_compute_options, add_progress_option, add_reference_option,
+                            add_tracking_options, set_threads)
+from cdi.options import comma_list, count
+from cdi.tracking import search as search_layout
 
-from cdi.options import comma_list as _folders
-from cdi.options import count as _count
 
-
-def add_search_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     search = commands.add_parser(
         "search", help="search features and scorer settings on calibration data (Optuna), export best_config.yaml",
         description="Calibration data: --members/--nonmembers of a reference model (default: the demo), or "
                     "--suspect/--control with --calibration-fraction held out of an owner's P and U.")
+    search.set_defaults(run=run)
     search.add_argument("--model", default="demo/model", help="diffusers pipeline directory (default demo/model)")
     search.add_argument("--members", default=None, help="images the model was trained on (default demo/members)")
-    search.add_argument("--nonmembers", type=_folders, default=[],
+    search.add_argument("--nonmembers", type=comma_list, default=[],
                         help="comma-separated folders of images it was not trained on (default the demo's)")
     search.add_argument("--suspect", default=None, help="split mode: the owner's P; a fraction is held out")
     search.add_argument("--control", default=None, help="split mode: the owner's U; a fraction is held out")
     search.add_argument("--calibration-fraction", type=float, default=0.3,
                         help="split mode: fraction of P and of U held out for the search (default 0.3)")
-    search.add_argument("--reference-model", action="append", default=[], metavar="DIR", dest="reference_models",
-                        help="a model not trained on the calibration images, queried with the same seeded noise, so "
-                             "that the space's calibration section can search reference-calibrated features (as "
-                             "`cdi audit --reference-model`); may be given more than once")
+    add_reference_option(search, "a model not trained on the calibration images, queried with the same seeded "
+                                 "noise, so that the space's calibration section can search reference-calibrated "
+                                 "features (as `cdi audit --reference-model`); may be given more than once")
     search.add_argument("--space", type=Path, default=None, help="search space YAML (default: built in, see --access)")
-    search.add_argument("--access", choices=("gray", "white"), default="white",
-                        help="built-in space: gray (DL, SecMI, PIA, PIAN, ML) or white (+ GM, NO; default)")
-    search.add_argument("--n-trials", type=_count, default=40, help="trials of this call (default 40)")
-    search.add_argument("--n", type=_count, default=50, help="images per side in each resample (default 50)")
+    add_access_option(search, help="built-in space: gray (DL, SecMI, PIA, PIAN, ML) or white (+ GM, NO; default)")
+    search.add_argument("--n-trials", type=count, default=40, help="trials of this call (default 40)")
+    search.add_argument("--n", type=count, default=50, help="images per side in each resample (default 50)")
     search.add_argument("--member-fraction", type=float, default=None,
                         help="share of members on the suspect side of each resample, the rest non-members, as when "
                              "only part of a published set was scraped; lower = harder calibration (default 1, "
                              "0.25 for the demo, whose model memorises strongly)")
-    search.add_argument("--resamples", type=_count, default=10, help="resamples per trial (default 10)")
+    search.add_argument("--resamples", type=count, default=10, help="resamples per trial (default 10)")
     search.add_argument("--alpha", type=float, default=0.01, help="level for the reported power (default 0.01)")
-    search.add_argument("--seed", type=_count, default=0, help="seed of features, resamples and sampler (default 0)")
+    search.add_argument("--seed", type=count, default=0, help="seed of features, resamples and sampler (default 0)")
     search.add_argument("--multi-objective", action="store_true",
                         help="also minimise model passes per image (NSGA-II); reports the Pareto front")
     search.add_argument("--pruner", choices=("none", "median"), default="none",
@@ -48,19 +48,17 @@ def add_search_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     search.add_argument("--storage", default=None, type=lambda text: text or None,
                         help="study storage URL (sqlite:///search.db, postgresql://...); default (or empty) in memory; "
                              "watch it live with `optuna-dashboard URL`")
-    search.add_argument("--n-workers", type=_count, default=1,
+    search.add_argument("--n-workers", type=count, default=1,
                         help="worker processes on the study (default 1; more need --storage)")
-    search.add_argument("--batch-size", type=_count, default=50)
-    search.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_compute_options(search, batch_size=50)
     search.add_argument("--cache-dir", default=None, help="feature cache folder (default as for audit)")
-    search.add_argument("--experiment", default="cdi-search", help="MLflow experiment (default cdi-search)")
-    search.add_argument("--tracking-uri", default=None)
+    add_tracking_options(search, experiment=search_layout.EXPERIMENT)
     search.add_argument("--output", type=Path, default=None, help="also write best_config.yaml here")
-    search.add_argument("--no-progress", action="store_true")
+    add_progress_option(search)
     return search
 
 
-def run_search_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from cdi.errors import OptionError
     from cdi.search.run import run_search
 
@@ -69,6 +67,7 @@ def run_search_command(args: argparse.Namespace) -> int:
                           "add --storage sqlite:///search.db (or a postgresql:// URL)")
     if args.output is not None and args.output.is_dir():
         raise OptionError(f"--output {args.output}: is a directory; give a file name such as best_config.yaml")
+    set_threads(args.threads)
     outcome = run_search(
         model=args.model, members=args.members, nonmembers=args.nonmembers, suspect=args.suspect,
         control=args.control, calibration_fraction=args.calibration_fraction, space=args.space, access=args.access,
