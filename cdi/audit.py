@@ -19,6 +19,7 @@ from cdi.errors import OptionError
 from cdi.options import MAX_SEED
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.features.extraction import worker_rank
+from cdi.features.latent_statistics import latent_statistic_names
 from cdi.models import load_model
 from cdi.manifest import build_manifest, image_entries, image_metadata
 from cdi.stats import image_statistics
@@ -90,32 +91,16 @@ REPORT_ARTIFACT = "report.html"
 MANIFEST_ARTIFACT = "manifest.json"
 
 
-def _image_statistics(records: Sequence[ImageRecord], adapter: Any, batch_size: int) -> np.ndarray:
-    """Model-free statistics of each image as decoded from its file (for the shift guard).
-
-    For latent models the per-channel mean and standard deviation of the VAE latent are appended:
-    the encoder is part of the pipeline but not of the suspected training, and it sees shifts
-    (texture, compression) that pixel statistics can miss.
-    """
+def _image_statistics(records: Sequence[ImageRecord], latents: Any | None) -> np.ndarray:
+    """Model-free statistics of each image as decoded from its file (for the shift guard); for latent models
+    the per-channel mean and standard deviation of the VAE latent are appended (`latents`: their
+    ExtractionReport from `extract_step`, see `cdi.features.latent_statistics`)."""
     rows = []
     for record in records:
         image = decode_image(record.path, 3)
         rows.append(image_statistics(np.asarray(image, dtype=np.uint8), image.size))
     stats = np.stack(rows)
-    if adapter.info.family == "pixel_unet":
-        return stats
-    import torch
-
-    from cdi.data import load_image
-
-    info, latents = adapter.info, []
-    with torch.no_grad():
-        for start in range(0, len(records), batch_size):
-            batch = torch.stack([load_image(r.path, info.image_size, info.image_channels)
-                                 for r in records[start : start + batch_size]])
-            z0 = adapter.encode(batch).flatten(2).float()
-            latents.append(torch.cat([z0.mean(dim=2), z0.std(dim=2)], dim=1).numpy())
-    return np.hstack([stats, np.vstack(latents)])
+    return stats if latents is None else np.hstack([stats, latents.values.astype(np.float32)])
 
 
 def difficulty_covariates_of(records: Sequence[ImageRecord], size: int, channels: int) -> np.ndarray:
@@ -504,6 +489,8 @@ class Extracted:
 
     target: Any  # cdi.features.extraction.ExtractionReport
     references: list[Any]
+    #: Latent models: the per-channel statistics of each image's latent, for the shift guard (else None).
+    latent_statistics: Any = None
 
 
 def extract_step(plan: AuditPlan) -> Extracted:
@@ -520,7 +507,16 @@ def extract_step(plan: AuditPlan) -> Extracted:
         )
 
     show = x.progress and worker_rank() == 0
-    return Extracted(run(plan.adapter, show), [run(reference, show) for reference in plan.references])
+    target, references = run(plan.adapter, show), [run(reference, show) for reference in plan.references]
+    latents = None
+    if plan.adapter.info.family != "pixel_unet":  # the encoder's view of each image, for the shift guard
+        latents = extract(
+            plan.adapter, plan.records, latent_statistic_names(plan.adapter.latent_channels),
+            config=s.feature_config, seed=s.seed, batch_size=x.batch_size, device=x.device, progress=False,
+            cache_dir=x.cache_dir, use_cache=x.use_cache, devices=x.devices, num_nodes=x.num_nodes,
+            strategy=x.strategy, precision="32", threads=x.threads, timestep_batching="off",
+        )
+    return Extracted(target, references, latents)
 
 
 @dataclass
@@ -538,7 +534,7 @@ def assess_step(plan: AuditPlan, extracted: Extracted) -> Assessed:
         if s.difficulty_calibration != "off" else None,
         representation=s.representation, formula=s.reference_formula, difficulty=s.difficulty_calibration,
     )
-    image_stats = _image_statistics(records, plan.adapter, plan.extraction.batch_size)
+    image_stats = _image_statistics(records, extracted.latent_statistics)
     # progress on stderr, decided as extraction's bar is (stdout may carry the result JSON)
     progress = StderrProgress() if plan.extraction.progress and worker_rank() == 0 else None
     try:

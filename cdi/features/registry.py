@@ -14,6 +14,7 @@ from cdi.errors import OptionError
 from cdi.features.base import ACCESS_LEVELS, FeatureFamily, Passes, Setting
 from cdi.features.denoising_loss import DenoisingLoss
 from cdi.features.gradient_masking import GradientMasking, MultipleLoss
+from cdi.features.latent_statistics import LatentStatistics
 from cdi.features.noise_optimisation import NoiseOptimisation
 from cdi.features.pia import PIA
 from cdi.features.secmi import SecMI
@@ -26,6 +27,8 @@ FAMILIES: tuple[type[FeatureFamily], ...] = (
     MultipleLoss,
     NoiseOptimisation,
 )
+#: Families the engine runs for the checks, not for the scorer: their names are not in `FEATURE_NAMES`.
+AUXILIARY_FAMILIES: tuple[type[FeatureFamily], ...] = (LatentStatistics,)
 
 
 def _defining_families(families: Sequence[type[FeatureFamily]]) -> dict[str, type[FeatureFamily]]:
@@ -129,7 +132,7 @@ def plan_families(names: Sequence[str], config: Any) -> list[FeatureFamily]:
     wanted = set(names)
     plan: list[FeatureFamily] = []
     covered: set[str] = set()
-    for family_cls in FAMILIES:
+    for family_cls in (*FAMILIES, *AUXILIARY_FAMILIES):
         useful = family_cls.claim(wanted) - covered
         if useful:
             plan.append(family_cls(config, useful))

@@ -63,6 +63,11 @@ class LatentAdapter(DiffusionAdapter):
         self.prediction_type = prediction_type
         self.latent_sample_seed = latent_sample_seed
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the encoded latent z0."""
+        return int(self.vae.config.latent_channels)
+
     @staticmethod
     def check_latent_channels(root: Path, denoiser: str, in_channels: int, vae: Any) -> None:
         if int(in_channels) != int(vae.config.latent_channels):

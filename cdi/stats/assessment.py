@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cdi.stats.hypothesis import DatasetInferenceTest, welch_one_sided
+from cdi.stats.hypothesis import TESTS, DatasetInferenceTest, welch_one_sided
 from cdi.stats.null_check import NullCheckResult, null_check
 from cdi.stats.power import PowerCurve, power_curve
 from cdi.stats.progress import prefixed
@@ -24,8 +24,6 @@ from cdi.stats.shift import shift_check
 
 log = logging.getLogger(__name__)
 
-#: The tests an audit can run, by the one name the CLI, the result JSON, params and the report use.
-TESTS = ("permutation", "welch")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from cdi.stats.scoring import (
 
 log = logging.getLogger(__name__)
 
+#: The tests, by the one name the CLI, the result JSON, params and the report use.
 TESTS = ("welch", "permutation")
 
 

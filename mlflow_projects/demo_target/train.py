@@ -18,17 +18,20 @@ membership inference has a strong signal, and saves it as a DDPMPipeline in
 import argparse
 import json
 import os
+import sys
 import time
 
 import mlflow
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from PIL import Image
-from sklearn.datasets import load_digits
 
-SIZE = 16
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import digits as digits_data  # noqa: E402  (mlflow_projects/digits.py, shared with the other project)
+
+SIZE = digits_data.SIZE
 
 
 def parse_args():
@@ -44,36 +47,16 @@ def parse_args():
 
 
 def split_digits(n_members, n_heldout, seed):
-    """Shuffle with a fixed seed and deal indices round-robin over the ten
-    classes, so every split is as class-balanced as its size allows."""
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(digits.target == c)).tolist() for c in range(10)]
-
-    def take(n):
-        out = []
-        while len(out) < n:
-            c = len(out) % 10
-            if not per_class[c]:
-                raise ValueError("not enough digits of class %d for the requested split" % c)
-            out.append(int(per_class[c].pop()))
-        return sorted(out)
-
-    splits = {"members": take(n_members), "heldout": take(n_heldout), "heldout2": take(n_heldout)}
+    """members, heldout and heldout2, class-balanced (see digits.split_digits)."""
+    digits, splits, _ = digits_data.split_digits({"members": n_members, "heldout": n_heldout, "heldout2": n_heldout}, seed)
     return digits, splits
-
-
-def to_image(pixels8x8):
-    """8x8 array of 0..16 -> 16x16 grayscale PIL image (bicubic)."""
-    arr = np.clip(np.round(pixels8x8 * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr, mode="L").resize((SIZE, SIZE), Image.BICUBIC)
 
 
 def write_splits(digits, splits, out, seed):
     for name, idx in splits.items():
         os.makedirs(os.path.join(out, name), exist_ok=True)
         for i in idx:
-            to_image(digits.images[i]).save(os.path.join(out, name, "digit_%04d.png" % i))
+            digits_data.to_image(digits.images[i]).save(os.path.join(out, name, "digit_%04d.png" % i))
     meta = {
         "source": "sklearn.datasets.load_digits (8x8, 0..16), scaled to 0..255, bicubic to 16x16",
         "seed": seed,
@@ -107,7 +90,7 @@ def main():
     digits, splits = split_digits(args.n_members, args.n_heldout, args.seed)
     write_splits(digits, splits, out, args.seed)
     # Train on exactly what was written to disk: the members' PNGs, in [-1, 1].
-    x = np.stack([np.asarray(to_image(digits.images[i]), dtype=np.float32) for i in splits["members"]])
+    x = np.stack([np.asarray(digits_data.to_image(digits.images[i]), dtype=np.float32) for i in splits["members"]])
     x = torch.from_numpy(x / 127.5 - 1.0).unsqueeze(1)  # (N, 1, 16, 16)
 
     unet, scheduler = build_model()

@@ -29,16 +29,18 @@ import contextlib
 import copy
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from PIL import Image
-from sklearn.datasets import load_digits
 
-SIZE = 16
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import digits as digits_data  # noqa: E402  (mlflow_projects/digits.py, shared with the other project)
+
+SIZE = digits_data.SIZE
 
 
 def parse_args(argv=None):
@@ -65,30 +67,11 @@ def parse_args(argv=None):
 
 
 def split_digits(n_members, n_nonmembers, n_other, seed):
-    """Shuffle each class with a fixed seed and deal round-robin over the ten classes, so that
-    members, nonmembers and other are class-balanced; base_train gets everything left."""
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(digits.target == c)).tolist() for c in range(10)]
-
-    def take(n):
-        out = []
-        while len(out) < n:
-            c = len(out) % 10
-            if not per_class[c]:
-                raise ValueError("not enough digits of class %d for the requested split" % c)
-            out.append(int(per_class[c].pop()))
-        return sorted(out)
-
-    splits = {"members": take(n_members), "nonmembers": take(n_nonmembers), "other": take(n_other)}
-    splits["base_train"] = sorted(int(i) for rest in per_class for i in rest)
+    """members, nonmembers and other, class-balanced (see digits.split_digits); base_train gets everything left."""
+    digits, splits, rest = digits_data.split_digits(
+        {"members": n_members, "nonmembers": n_nonmembers, "other": n_other}, seed)
+    splits["base_train"] = rest
     return digits, splits
-
-
-def to_image(pixels8x8):
-    """8x8 array of 0..16 -> 16x16 grayscale PIL image (bicubic)."""
-    arr = np.clip(np.round(pixels8x8 * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr, mode="L").resize((SIZE, SIZE), Image.BICUBIC)
 
 
 def build_model(channels):
@@ -108,7 +91,7 @@ def build_model(channels):
 
 def tensor_of(digits, idx):
     """The images exactly as written to disk (the PNGs' pixels), in [-1, 1], shape (N, 1, 16, 16)."""
-    x = np.stack([np.asarray(to_image(digits.images[i]), dtype=np.float32) for i in idx])
+    x = np.stack([np.asarray(digits_data.to_image(digits.images[i]), dtype=np.float32) for i in idx])
     return torch.from_numpy(x / 127.5 - 1.0).unsqueeze(1)
 
 
@@ -168,7 +151,7 @@ def main(argv=None):
     for name, idx in splits.items():
         os.makedirs(os.path.join(out, name), exist_ok=True)
         for i in idx:
-            to_image(digits.images[i]).save(os.path.join(out, name, "digit_%04d.png" % i))
+            digits_data.to_image(digits.images[i]).save(os.path.join(out, name, "digit_%04d.png" % i))
 
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
