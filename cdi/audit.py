@@ -313,6 +313,10 @@ class ExtractionOptions:
     threads: int | None = None
     timestep_batching: str = "auto"
 
+    def for_extract(self, **changes: Any) -> dict[str, Any]:
+        """These options as `cdi.features.extract`'s keyword arguments (its own names), with `changes`."""
+        return {**asdict(self), **changes}
+
 
 @dataclass(frozen=True)
 class TestSettings:
@@ -499,23 +503,16 @@ def extract_step(plan: AuditPlan) -> Extracted:
     s, x = plan.settings, plan.extraction
 
     def run(adapter: Any, show_progress: bool) -> Any:
-        return extract(
-            adapter, plan.records, s.names, config=s.feature_config, seed=s.seed, batch_size=x.batch_size,
-            device=x.device, progress=show_progress, cache_dir=x.cache_dir, use_cache=x.use_cache,
-            devices=x.devices, num_nodes=x.num_nodes, strategy=x.strategy, precision=x.precision, threads=x.threads,
-            timestep_batching=x.timestep_batching,
-        )
+        return extract(adapter, plan.records, s.names, config=s.feature_config, seed=s.seed,
+                       **x.for_extract(progress=show_progress))
 
     show = x.progress and worker_rank() == 0
     target, references = run(plan.adapter, show), [run(reference, show) for reference in plan.references]
     latents = None
     if plan.adapter.info.family != "pixel_unet":  # the encoder's view of each image, for the shift guard
-        latents = extract(
-            plan.adapter, plan.records, latent_statistic_names(plan.adapter.latent_channels),
-            config=s.feature_config, seed=s.seed, batch_size=x.batch_size, device=x.device, progress=False,
-            cache_dir=x.cache_dir, use_cache=x.use_cache, devices=x.devices, num_nodes=x.num_nodes,
-            strategy=x.strategy, precision="32", threads=x.threads, timestep_batching="off",
-        )
+        latents = extract(plan.adapter, plan.records, latent_statistic_names(plan.adapter.latent_channels),
+                          config=s.feature_config, seed=s.seed,
+                          **x.for_extract(progress=False, precision="32", timestep_batching="off"))
     return Extracted(target, references, latents)
 
 

@@ -93,6 +93,7 @@ def _end(proc: subprocess.Popen | None) -> None:
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
         try:
             os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, signal.SIGCONT)  # a paused search (see paused) handles SIGTERM only once continued
         except ProcessLookupError:
             return
         try:
@@ -136,18 +137,39 @@ def run_audit(url: str, tmp: Path) -> None:
     command = _cdi("audit", "--model", "demo/model", "--suspect", "demo/members", "--control", "demo/heldout",
                    "--tracking-uri", url, "--cache-dir", str(tmp / "cache"), "--no-progress",
                    "--output", str(tmp / "audit_result.json"))
-    done = subprocess.run(command, cwd=ROOT, env=_clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise Failure(f"cdi audit failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-1500:]}")
+    log_path = tmp / "audit.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=_clean_env(), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = proc.wait()
+    finally:
+        _end(proc)  # on Ctrl-C or SIGTERM: the audit and whatever it started
+    if code != 0:
+        raise Failure(f"cdi audit failed ({code}): {log_path.read_text().strip()[-1500:]}")
 
 
 def start_search(url: str, tmp: Path, n_trials: int) -> subprocess.Popen:
     print(f"running a demo search with {n_trials} trials ...", flush=True)
     command = _cdi("search", "--n-trials", str(n_trials), "--tracking-uri", url, "--cache-dir",
                    str(tmp / "cache"), "--no-progress", "--output", str(tmp / "best_config.yaml"))
-    return subprocess.Popen(command, cwd=ROOT, env=_clean_env(), stdin=subprocess.DEVNULL,
-                            stdout=open(tmp / "search.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp / "search.log", "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=_clean_env(), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def paused(proc: subprocess.Popen):
+    """The search stopped (SIGSTOP to its process group) while the live shot is taken, continued afterwards:
+    its trials take well under a second each on the demo, too fast for a page load and a click otherwise."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,9 +352,9 @@ class Browser:
             missing = self.evaluate(check) or []
             if not missing and clicked:
                 break
+            time.sleep(0.3)
         if not clicked:
-            missing = ["(expander to click)", *missing]
-            time.sleep(0.5)
+            missing = ["(the nested runs, expanded)", *missing]
         time.sleep(settle)  # let charts, tables and images finish laying out
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))
@@ -359,8 +381,39 @@ def expand(run_name: str, child: str) -> str:
             " if (b) { b.click(); window.cdiExpandedAt = Date.now(); } return false; })()")
 
 
-def take_shots(browser: Browser, url: str, out: Path, search: subprocess.Popen | None, n_trials: int) -> list[str]:
-    """All screenshots; one line per shot that did not show what it should."""
+def check_audit(url: str, run) -> list[str]:
+    """What the REST API must say of the audit run: its name, both image sets as datasets, its logged model."""
+    problems, client, name = [], _client(url), run.info.run_name
+    if not (name or "").startswith("audit-"):
+        problems.append(f"the audit run is named {name!r}, not audit-<model>-<fingerprint>")
+    contexts = {next((t.value for t in d.tags if t.key == "mlflow.data.context"), None): d.dataset.name
+                for d in run.inputs.dataset_inputs}
+    for context in ("suspect", "control"):
+        if context not in contexts:
+            problems.append(f"the audit run has no dataset input with context {context} (has {contexts})")
+    models = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+              if m.source_run_id == run.info.run_id or any(x.run_id == run.info.run_id for x in m.metrics or [])]
+    if not any(m.name.startswith("target-") for m in models):
+        problems.append("no logged model target-<fingerprint> is linked to the audit run")
+    return problems
+
+
+def live_search(url: str, search: subprocess.Popen, n_trials: int, timeout: float = 900):
+    """Wait until the running search has written a few trial runs (3, at most half of them); return (experiment
+    id, parent run), or None if the search ended first."""
+    deadline, wanted = time.monotonic() + timeout, max(1, min(3, n_trials // 2))
+    while time.monotonic() < deadline and search.poll() is None:
+        exp = experiment_id(url, "cdi-search")
+        parent = latest_run(url, "cdi-search", parent=True) if exp else None
+        if parent is not None and len(trial_runs(url, exp, parent.info.run_id)) >= wanted:
+            return exp, parent
+        time.sleep(0.3)
+    return None
+
+
+def take_shots(browser: Browser, url: str, out: Path, start_search, n_trials: int) -> list[str]:
+    """All screenshots; one line per shot or REST check that did not show what it should. start_search (None
+    with --server) starts the search, whose live state is photographed first, before the audit's pages."""
     problems: list[str] = []
 
     def shot(name: str, route: str, expect: list[str], **kwargs) -> None:
@@ -375,36 +428,59 @@ def take_shots(browser: Browser, url: str, out: Path, search: subprocess.Popen |
     if audit is None:
         raise Failure("no audit run found in experiment cdi-audits")
     exp, run_id, name = audit.info.experiment_id, audit.info.run_id, audit.info.run_name
+    problems += check_audit(url, _client(url).get_run(run_id))
     browser.prepare_origin(url)
-    shot("01-audit-runs.png", f"/experiments/{exp}/runs", [name, "Dataset", "suspect: members"])
-    shot("02-audit-run.png", f"/experiments/{exp}/runs/{run_id}", [name, "Datasets", "suspect: members", "target-"])
-    shot("03-audit-models.png", f"/experiments/{exp}/models", ["target-"])
 
+    search = start_search() if start_search else None
     if search is not None:  # while it runs: the trials arrive one by one under the parent run
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and search.poll() is None:
-            search_exp = experiment_id(url, "cdi-search")
-            parent = latest_run(url, "cdi-search", parent=True) if search_exp else None
-            if parent is not None and trial_runs(url, search_exp, parent.info.run_id):
+        found = live_search(url, search, n_trials)
+        if found is None:
+            problems.append("04-search-live.png: the search ended before a trial run was seen while it ran")
+        else:
+            search_exp, parent = found
+            with paused(search):
+                client = _client(url)
+                before = client.get_run(parent.info.run_id).info.status
                 shot("04-search-live.png", f"/experiments/{search_exp}/runs", [parent.info.run_name, "trial-0"],
                      click=expand(parent.info.run_name, "trial-0"))
-                status = _client(url).get_run(parent.info.run_id).info.status
+                after = client.get_run(parent.info.run_id).info.status
                 count = len(trial_runs(url, search_exp, parent.info.run_id))
-                print(f"  (the search's parent run is now {status.lower()}, {count} of {n_trials} trial runs logged)")
-                break
-            time.sleep(1)
-        if search.wait(900) != 0:
-            raise Failure(f"cdi search failed ({search.returncode}); see its log")
+            print(f"  (shot while the search's parent run was {after.lower()}, {count} of {n_trials} trial runs "
+                  "logged)", flush=True)
+            if before != "RUNNING" or after != "RUNNING":
+                problems.append(f"04-search-live.png: the search's parent run was {before}/{after}, not RUNNING")
+
+    shot("01-audit-runs.png", f"/experiments/{exp}/runs", [name, "Dataset", "suspect: members", "target-"])
+    shot("02-audit-run.png", f"/experiments/{exp}/runs/{run_id}",
+         [name, "Datasets", "suspect: members", "target-", "stats.p_value"])
+    shot("03-audit-models.png", f"/experiments/{exp}/models", ["target-", "Source run", name])
+
+    if search is not None:
+        try:
+            code = search.wait(900)
+        except subprocess.TimeoutExpired:
+            raise Failure("cdi search did not end within 15 minutes") from None
+        if code != 0:
+            raise Failure(f"cdi search failed ({code}); see its log")
     search_exp = experiment_id(url, "cdi-search")
     parent = latest_run(url, "cdi-search", parent=True) if search_exp else None
     if parent is None:
         raise Failure("no search run found in experiment cdi-search")
-    pid = parent.info.run_id
+    pid, client = parent.info.run_id, _client(url)
     trials = sorted(r.info.run_name for r in trial_runs(url, search_exp, pid))
+    if search is not None and len(trials) != n_trials:
+        problems.append(f"the search's parent run has {len(trials)} nested trial runs, not {n_trials}")
+    status = client.get_run(pid).info.status
+    if status != "FINISHED":
+        problems.append(f"the search's parent run is {status}, not FINISHED")
+    figures = ("optimization_history.png", "param_importances.png")
+    logged = {f.path for f in client.list_artifacts(pid)}
+    problems += [f"the search run has no artifact {f}" for f in figures if f not in logged]
     shot("05-search-trials.png", f"/experiments/{search_exp}/runs", [parent.info.run_name, *trials],
          click=expand(parent.info.run_name, "trial-0"))
-    shot("06-search-run.png", f"/experiments/{search_exp}/runs/{pid}", [parent.info.run_name, "best"])
-    for i, figure in enumerate(("optimization_history.png", "param_importances.png"), start=7):
+    shot("06-search-run.png", f"/experiments/{search_exp}/runs/{pid}",
+         [parent.info.run_name, "Child runs", "trial-0", "stats.best_strength", "Finished"])
+    for i, figure in enumerate(figures, start=7):
         shot(f"{i:02d}-search-{figure}", f"/experiments/{search_exp}/runs/{pid}/artifacts/{figure}", [figure],
              images=[figure.rsplit(".", 1)[0]])
     return problems
@@ -445,9 +521,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"MLflow server: {url}", flush=True)
             if not args.server:
                 run_audit(url, tmp)
-                search = start_search(url, tmp, args.n_trials)
             browser = Browser(binary, tmp / "profile", width, height)
-            problems = take_shots(browser, url, out, search, args.n_trials)
+
+            def begin_search() -> subprocess.Popen:
+                nonlocal search
+                search = start_search(url, tmp, args.n_trials)
+                return search
+
+            problems = take_shots(browser, url, out, None if args.server else begin_search, args.n_trials)
     except Failure as exc:
         log = tmp / "search.log"
         tail = f"\n{log.read_text()[-1500:]}" if log.exists() and "search" in str(exc) else ""
