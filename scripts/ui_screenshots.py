@@ -5,21 +5,36 @@
 
 In a temporary folder it starts `mlflow server` on 127.0.0.1 (free port, SQLite backend store, local proxied
 artifacts), runs the demo audit (`cdi audit --model demo/model --suspect demo/members --control demo/heldout`)
-and a small demo search (`cdi search --n-trials N`) against it with a feature cache in that folder, and
-photographs the UI: the audit in its experiment's run list (run name, Datasets column), the audit run's
-overview (name, datasets, the linked logged model), the experiment's Models tab, the search while its trials
-are still arriving, its parent run with the nested trial runs expanded, and Optuna's figures in its artifacts.
-The server is stopped whatever happens (exception, Ctrl-C, SIGTERM); the temporary folder is deleted.
+and then a small demo search (`cdi search --n-trials N`) against it with a feature cache in that folder, and
+photographs the UI:
+
+    04-search-live.png     the search's run list while it runs: parent run without duration, first trials nested
+    01-audit-runs.png      the audit in cdi-audits' run list: run name, Dataset and Models columns
+    02-audit-run.png       the audit run's overview: name, Datasets, stats.p_value linked to target-<fingerprint>
+    03-audit-models.png    the experiment's Models tab: the logged model target-<fingerprint> and its source run
+    05-search-trials.png   the finished search, its parent run expanded to all N nested trial runs
+    06-search-run.png      the search's parent run: Child runs, best metrics, Finished
+    07-search-optimization_history.png, 08-search-param_importances.png   Optuna's figures among its artifacts
+
+The live shot comes first: once the search has logged a few trial runs (3, at most half), the script pauses it
+(SIGSTOP to its process group) for the shot and continues it (SIGCONT) afterwards, because on the demo each trial
+takes well under a second, less than a page load. Beside the page checks it asks the REST API: the audit run is
+named audit-..., has dataset inputs with context suspect and control and a logged model target-... linked to
+it; the search's parent run was RUNNING before and after the live shot, ends FINISHED with N nested trial runs
+and has both figures as artifacts. The server, the audit, the search and Chromium run in their own process
+groups and are ended whatever happens (exception, Ctrl-C, SIGTERM, SIGHUP); the temporary folder is deleted
+(--keep keeps it).
 
 Chromium is driven over the DevTools protocol (stdlib only: a minimal WebSocket client), so that each shot
 waits until the page shows what it must show instead of a fixed delay. MLflow 3's UI opens in GenAI mode and,
 on a local server, with its Assistant panel open; the script preselects the model-training view
-(`?workflowType=machine_learning`, the same choice as the toggle at the top left) and marks the Assistant as
-already shown. The search's nested trial runs are collapsed under their parent by default: the script clicks
-the parent's expander (+) before the shot.
+(`#/experiments/ID/runs?workflowType=machine_learning`, the same choice as the toggle at the top left) and marks
+the Assistant as already shown. The search's nested trial runs are collapsed under their parent by default: the
+script clicks the parent's expander (+) before the shot.
 
-Exit status: 0 when every shot showed what it should, 1 when one did not (the PNG is written anyway and the
-missing text is printed), 2 when Chromium is missing, 3 when the server, the audit or the search fails.
+Exit status: 0 when every shot and check showed what it should, 1 when one did not (the PNGs are written anyway;
+one line per failed check on stderr), 2 when Chromium is missing, 3 when the server, the audit or the search
+fails, 130 when interrupted.
 """
 
 from __future__ import annotations

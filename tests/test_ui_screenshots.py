@@ -1,8 +1,8 @@
 """scripts/ui_screenshots.py end to end: a real `mlflow server`, the demo audit and search, headless Chromium.
 
-Minutes of work, so only with CDI_TEST_UI=1 and Chromium installed; skipped otherwise. The script itself checks
-that every page shows what it must (run name, Datasets, the model, the nested trials, Optuna's figures) and
-exits 1 when one does not.
+About 3 minutes on 2 cores, so only with CDI_TEST_UI=1 and Chromium installed; skipped otherwise. The script
+itself checks that every page shows what it must (run name, Datasets, the model, the nested trials while the
+search runs, Optuna's figures), asks the REST API the same, and exits 1 when one does not.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def test_screenshots_show_the_audit_and_the_search(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--output", str(tmp_path), "--n-trials", "8"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "shot while the search's parent run was running" in done.stdout
     for name in SHOTS:
         png = tmp_path / name
         assert str(png) in done.stdout

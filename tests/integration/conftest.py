@@ -50,7 +50,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, what: str, timeo
         try:
             if requests.get(url, timeout=2).status_code < 500:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy starting to answer
             pass
         if proc.poll() is not None:
             pytest.fail(f"{what} exited with code {proc.returncode}: {log.read_text()[-3000:]}")
