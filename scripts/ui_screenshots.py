@@ -292,13 +292,14 @@ class Browser:
     def __init__(self, binary: str, profile: Path, width: int, height: int):
         self.width, self.height, self.ids = width, height, 0
         profile.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=open(profile.parent / "chromium.log", "w"), stdin=subprocess.DEVNULL,
-            start_new_session=True)
+        with open(profile.parent / "chromium.log", "w") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+                 f"--window-size={width},{height}", "--remote-debugging-port=0", "about:blank"],
+                stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True)
         self.ws = None
         try:
             port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
