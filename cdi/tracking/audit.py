@@ -117,29 +117,36 @@ def image_set_digest(sha256s: Any) -> str:
 
 def log_image_sets(sets: Any) -> None:
     """Log each audited image set as an MLflow dataset input of the active run: `sets` holds
-    (context, folder, records) with context "suspect" or "control". Each dataset is a small table (file,
-    sha256, label, caption), named after its folder, whose source is the folder and whose digest comes from
-    the images (`image_set_digest`): the UI's Datasets column then says what was audited, and every audit
-    of one image set shares one digest."""
+    (context, folder, records) with context "suspect" or "control" (`log_image_table`)."""
+    for context, folder, records in sets:
+        root = Path(folder).resolve()
+        log_image_table(context, f"{context}: {printable_path(root.name)}", root, [r.path for r in records],
+                        [r.sha256 for r in records], [r.label for r in records], [r.caption for r in records])
+
+
+def log_image_table(context: str, name: str, source: Path, paths: Sequence[Any], sha256s: Sequence[str],
+                    labels: Sequence[Any] | None = None, captions: Sequence[Any] | None = None) -> None:
+    """One image set as an MLflow dataset input of the active run: a small table (file relative to `source`,
+    sha256, label, caption) whose source is the folder and whose digest comes from the images
+    (`image_set_digest`): the UI's Datasets column then says what was used, and every run on one image set
+    shares one digest."""
     import warnings
 
     import mlflow
     import pandas as pd
     from mlflow.data.pandas_dataset import from_pandas
 
-    for context, folder, records in sets:
-        root = Path(folder).resolve()
-        table = pd.DataFrame({
-            "file": [printable_path(_relative(r.path, root)) for r in records],
-            "sha256": [r.sha256 for r in records],
-            "label": [None if r.label is None else str(r.label) for r in records],
-            "caption": [r.caption for r in records],
-        })
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
-            dataset = from_pandas(table, source=str(root), name=f"{context}: {printable_path(root.name)}",
-                                  digest=image_set_digest(r.sha256 for r in records))
-        mlflow.log_input(dataset, context=context)
+    n = len(sha256s)
+    table = pd.DataFrame({
+        "file": [printable_path(_relative(p, source)) for p in paths],
+        "sha256": list(sha256s),
+        "label": [None if label is None else str(label) for label in (labels or [None] * n)],
+        "caption": list(captions or [None] * n),
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
+        dataset = from_pandas(table, source=str(source), name=name, digest=image_set_digest(sha256s))
+    mlflow.log_input(dataset, context=context)
 
 
 def log_audited_models(models: Any, p_value: float | None = None) -> list[str]:

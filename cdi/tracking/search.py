@@ -64,6 +64,29 @@ def log_opened(*, study_name: str, storage: str, n_trials: int, n_workers: int, 
         **calibration_params(data.description),
         "calibration.n_images": len(data.sha256),
     })
+    log_calibration_sets(data)
+
+
+def log_calibration_sets(data: Any) -> None:
+    """The calibration images as two MLflow dataset inputs of the search run, context "members" (label 1:
+    known members, or the held-out part of P) and "nonmembers" (label 0), each with its folder as source,
+    so the UI's Datasets column says what the search was calibrated on (`audit.log_image_table`)."""
+    from cdi.text import printable_path
+    from cdi.tracking.audit import log_image_table
+
+    described = data.description
+    if described.get("mode") == "split":
+        folders = {1: ("suspect, held out", described["suspect"]), 0: ("control, held out", described["control"])}
+    elif described.get("mode") == "known" and described.get("nonmembers"):
+        folders = {1: ("members", described["members"]), 0: ("nonmembers", described["nonmembers"][0])}
+    else:  # data built in Python without image folders
+        return
+    for label, context in ((1, "members"), (0, "nonmembers")):
+        rows = [i for i, y in enumerate(data.y) if int(y) == label]
+        what, folder = folders[label]
+        source = Path(folder).resolve()
+        log_image_table(context, f"{what}: {printable_path(source.name)}", source, [data.files[i] for i in rows],
+                        [data.sha256[i] for i in rows])
 
 
 def summary_metrics(config: SearchConfig, trials: Sequence[Any], study: Any, *, seconds_features: float,

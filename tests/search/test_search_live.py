@@ -106,6 +106,17 @@ def test_the_median_pruner_keeps_the_demo_search_best_configuration(tracking_uri
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in pruned.study.trials)  # measured: 2 of 20
     assert pruned.config.features == plain.config.features and pruned.config.C == plain.config.C
     assert pruned.config.objective == plain.config.objective
+    # the calibration images are the search run's dataset inputs, found by the same digest as an audit's
+    import hashlib
+
+    from cdi.tracking.audit import image_set_digest
+
+    inputs = mlflow.MlflowClient(tracking_uri).get_run(plain.run_id).inputs.dataset_inputs
+    by_context = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(by_context) == {"members", "nonmembers"}
+    members = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((DEMO / "members").glob("*.png"))]
+    assert by_context["members"].digest == image_set_digest(members)
+    assert by_context["members"].source and "members" in by_context["members"].name
 
 
 def test_pruning_a_multi_objective_search_is_refused(synthetic, tracking_uri):
