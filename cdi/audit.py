@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,19 +13,32 @@ import numpy as np
 
 import cdi
 from cdi import tracking
-from cdi.tracking import audit as audit_layout
-from cdi.data import MIN_SET_SIZE, ImageRecord, build_image_sets, decode_image, printable_path
+from cdi.data import (
+    MIN_SET_SIZE,
+    ImageRecord,
+    build_image_sets,
+    decode_image,
+    printable_path,
+)
 from cdi.errors import OptionError
-from cdi.options import MAX_SEED
 from cdi.features import FeatureConfig, extract, resolve_features
 from cdi.features.extraction import worker_rank
 from cdi.features.latent_statistics import latent_statistic_names
-from cdi.models import load_model
 from cdi.manifest import build_manifest, image_entries, image_metadata
+from cdi.models import load_model
+from cdi.options import MAX_SEED
 from cdi.stats import image_statistics
-from cdi.stats.assessment import TESTS, assess, evidence_fields
+from cdi.stats.assessment import assess, evidence_fields
+from cdi.stats.difficulty import (
+    DIFFICULTY_MODES,
+    REFERENCE_FORMULAS,
+    REPRESENTATIONS,
+    calibrate,
+    difficulty_covariates,
+)
+from cdi.stats.hypothesis import TESTS
 from cdi.stats.progress import StderrProgress, reporting
-from cdi.stats.difficulty import DIFFICULTY_MODES, REFERENCE_FORMULAS, REPRESENTATIONS, calibrate, difficulty_covariates
+from cdi.tracking import audit as audit_layout
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +165,9 @@ def load_references(adapter: Any, reference_models: Sequence[str | Path], *, mod
 
 
 def _report(result: "AuditResult", table: Any) -> str:
-    from cdi.report import render_report  # part of cdi: result.json names report.html, so it must exist
+    from cdi.report import (
+        render_report,  # part of cdi: result.json names report.html, so it must exist
+    )
 
     return render_report(result.to_dict(), table)
 

@@ -29,8 +29,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 #: Fields that name this run, this machine or this moment, not the audit's result.

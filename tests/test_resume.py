@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from builders import free_port, start_mlflow_server, stop_mlflow_server
 
 import cdi.audit
 from cdi.cli import main
-
-from builders import free_port, start_mlflow_server, stop_mlflow_server
 
 
 def test_lost_server_mid_audit_then_resume_finishes_the_same_run(tiny_model, image_sets, tmp_path, monkeypatch,

@@ -9,11 +9,9 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import mlflow
 import pytest
-
 from builders import save_pipeline, tiny_unet, write_images
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cdi.stats.hypothesis import TESTS, DatasetInferenceTest, welch_one_sided
+from cdi.stats.hypothesis import DatasetInferenceTest, welch_one_sided
 from cdi.stats.null_check import NullCheckResult, null_check
 from cdi.stats.power import PowerCurve, power_curve
 from cdi.stats.progress import prefixed

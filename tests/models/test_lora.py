@@ -5,18 +5,21 @@ one-line ModelErrors naming the file."""
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
 import torch
+from builders import save_pipeline, tiny_unet
+from latent_builders import (
+    PIXELS,
+    save_dit_pipeline,
+    save_sd_pipeline,
+    save_sdxl_pipeline,
+)
 
 from cdi.errors import ModelError
 from cdi.hashing import sha256_file
 from cdi.models import is_lora_file, load_model
-
-from builders import save_pipeline, tiny_unet
-from latent_builders import PIXELS, save_dit_pipeline, save_sd_pipeline, save_sdxl_pipeline
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
