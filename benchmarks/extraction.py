@@ -16,6 +16,9 @@ Forward-equivalents: a forward+backward with frozen weights (gradient w.r.t. the
 with trainable weights (input and weight gradients) 3. See benchmarks/README.md.
 
     python benchmarks/extraction.py --models demo,cifar --json benchmarks/results/cpu-$(date +%F).json
+
+Parts: bench_models.py (the models), pass_counting.py (the call counter and timer), naive_baseline.py (3.), this
+file (1., 2., 4., the report).
 """
 
 from __future__ import annotations
@@ -31,11 +34,10 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 from unittest import mock
 
 import numpy as np
@@ -43,121 +45,33 @@ import torch
 
 import cdi
 from cdi import tracking
-from cdi.data import ImageRecord, discover_images, load_image
+from cdi.data import ImageRecord, load_image
 from cdi.features import FAMILIES, FEATURE_NAMES, FeatureConfig, extract
 from cdi.features.extraction import half_precision_weights, resolve_device
-from cdi.features.gradient_masking import SHARED_NOISE
-from cdi.features.seeded_noise import image_noise
-from cdi.models import DiffusionAdapter, load_model
+from cdi.models import DiffusionAdapter
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = "cdi-benchmarks"
-MODELS = ("demo", "cifar")
-FORWARD, FORWARD_BACKWARD = "forward", "forward_backward"
-#: Cost of one forward+backward in forwards: backward w.r.t. the input ~ 1 forward, w.r.t. the weights ~ 1 more.
-FB_COST_FROZEN, FB_COST_TRAINABLE = 2, 3
-#: The DDPM CIFAR-10 UNet of Ho et al. (2020) as diffusers publishes it (google/ddpm-cifar10-32): 35.7 M
-#: parameters, one attention head of 256 channels at 16x16. diffusers' own default, 8 channels per head,
-#: would give 32 heads of 8 channels: the same parameters, but an attention whose softmax dominates the time.
-DDPM_CIFAR10_UNET: dict[str, Any] = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=2,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    norm_eps=1e-6,
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The parts other benchmarks share (batching.py imports them through this module too):
+from bench_models import DDPM_CIFAR10_UNET, REPO, cifar_model, demo_model  # noqa: E402, F401
+from naive_baseline import NAIVE_FAMILIES, naive  # noqa: E402, F401
+from pass_counting import (  # noqa: E402, F401
+    FB_COST_FROZEN, FB_COST_TRAINABLE, FORWARD, FORWARD_BACKWARD, PassCounter, timed,
 )
 
-
-# -- models and images ------------------------------------------------------------------------------------------
-
-
-def demo_model(args: argparse.Namespace) -> tuple[DiffusionAdapter, list[ImageRecord]] | None:
-    """The bundled 16x16 grayscale DDPM and half members, half held-out images (None if not built yet)."""
-    root = Path(args.demo_model)
-    if not (root / "model_index.json").is_file():
-        print(f"demo: skipped, {root} has no model yet (build it: mlflow run mlflow_projects/demo_target "
-              "--env-manager local)", file=sys.stderr)
-        return None
-    members = discover_images(REPO / "demo" / "members", "suspect")
-    heldout = discover_images(REPO / "demo" / "heldout", "control")
-    half = args.demo_images // 2
-    return load_model(root), members[: args.demo_images - half] + heldout[:half]
+EXPERIMENT = "cdi-benchmarks"
+MODELS = ("demo", "cifar")
 
 
-def cifar_model(args: argparse.Namespace, workdir: Path) -> tuple[DiffusionAdapter, list[ImageRecord]]:
-    """The 35.7 M-parameter DDPM-CIFAR10 UNet with random weights, saved and loaded like a real suspect."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-    from PIL import Image
-
-    torch.manual_seed(args.seed)
-    unet = UNet2DModel(**DDPM_CIFAR10_UNET)
-    pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
-    pipeline.save_pretrained(workdir / "cifar-model", safe_serialization=True)
-    images = workdir / "cifar-images"
-    images.mkdir()
-    rng = np.random.default_rng(args.seed)
-    for i in range(args.n_images):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"random_{i:03d}.png")
-    return load_model(workdir / "cifar-model"), discover_images(images, "suspect")
-
-
-# -- counting denoiser passes -----------------------------------------------------------------------------------
-
-
-class PassCounter:
-    """Counts UNet calls by (family, kind, batch size, autocast on); a call on an input that requires grad is a
-    forward+backward. Autocast is recorded so the floor replays each call at its precision (SecMI's round trip
-    runs in float32 even in a bf16 extraction)."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.calls: Counter[tuple[str, str, int, bool]] = Counter()
-        self.family = "outside"
-        self.family_seconds: dict[str, dict[str, float]] = {}  # filled by `attribute_passes`
-        self._handle = unet.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs, output) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        kind = FORWARD_BACKWARD if torch.is_grad_enabled() and sample.requires_grad else FORWARD
-        half = torch.is_autocast_enabled(sample.device.type)
-        self.calls[(self.family, kind, int(sample.shape[0]), half)] += 1
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def per_image(self, n_images: int) -> dict[str, Any]:
-        """{family: {forward, forward_backward}} per image, plus totals and forward-equivalents."""
-        families: dict[str, dict[str, float]] = {}
-        for (family, kind, batch, _), count in sorted(self.calls.items()):
-            counts = families.setdefault(family, {FORWARD: 0.0, FORWARD_BACKWARD: 0.0})
-            counts[kind] += count * batch / n_images
-        forward = sum(c[FORWARD] for c in families.values())
-        forward_backward = sum(c[FORWARD_BACKWARD] for c in families.values())
-        return {
-            "families": families,
-            "forward": forward,
-            "forward_backward": forward_backward,
-            "forward_equivalents_frozen": forward + FB_COST_FROZEN * forward_backward,
-            "forward_equivalents_trainable": forward + FB_COST_TRAINABLE * forward_backward,
-        }
-
-    def batched_calls(self) -> Counter[tuple[str, int, bool]]:
-        """(kind, batch size, autocast on) -> number of calls, all families together: what the floor replays."""
-        out: Counter[tuple[str, int, bool]] = Counter()
-        for (_, kind, batch, half), count in self.calls.items():
-            out[(kind, batch, half)] += count
-        return out
+# -- counting denoiser passes per engine family ----------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def attribute_passes(counter: PassCounter, device: str):
-    """Tag the counter with the engine's family, and time it, while its `compute` runs (patched in this process)."""
+    """Tag the counter with the engine's family, and time it, while its `compute` runs (patched in this process).
+
+    The engine itself times each family (`ExtractionReport.family_seconds`, wall-clock, reported as such), but it
+    neither counts model calls per family nor measures process CPU time, the clock that hardly moves with the load
+    of a shared CPU; this wrapper adds both without changing what `compute` does."""
 
     def tagged(cls, compute):
         def compute_tagged(self, adapter, batch):
@@ -174,28 +88,6 @@ def attribute_passes(counter: PassCounter, device: str):
         for cls in FAMILIES:
             stack.enter_context(mock.patch.object(cls, "compute", tagged(cls, cls.compute)))
         yield
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def timed(into: dict[str, dict[str, float]], key: str, device: str):
-    """Add the block's wall-clock and process CPU seconds to `into[key]` ({"wall": s, "cpu": s}).
-
-    On a shared CPU the process CPU time (with one thread) hardly depends on what else runs; wall-clock does.
-    """
-    _sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    try:
-        yield
-    finally:
-        _sync(device)
-        entry = into.setdefault(key, {"wall": 0.0, "cpu": 0.0})
-        entry["wall"] += time.perf_counter() - wall
-        entry["cpu"] += time.process_time() - cpu
 
 
 # -- 2. the fused engine ----------------------------------------------------------------------------------------
@@ -215,152 +107,6 @@ def fused(adapter: DiffusionAdapter, records: Sequence[ImageRecord], args: argpa
     finally:
         counter.remove()
     return {"report": report, "seconds": seconds["total"], "counter": counter}
-
-
-# -- 3. the naive baseline --------------------------------------------------------------------------------------
-
-
-def l2(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(p=2, dim=1)
-
-
-def naive_dl(adapter, z0, cond, sha256, config: FeatureConfig, seed: int) -> dict:
-    t = adapter.timestep(config.dl_t)
-    total = 0.0
-    for draw in range(config.dl_draws):
-        eps = image_noise(z0, sha256, seed, "DL", config.dl_t, draw)
-        total = total + l2(adapter.eps_hat(adapter.q(z0, t, eps), t, cond) - eps)
-    return {"DL": total / config.dl_draws}
-
-
-def naive_secmi(adapter, z0, cond, sha256, config: FeatureConfig, seed: int) -> dict:
-    def ddim(z, s, s_next):  # eta = 0: x0_hat = (z - sqrt(1-ab_s) e) / sqrt(ab_s); sqrt(ab_s') x0_hat + sqrt(1-ab_s') e
-        e = adapter.eps_hat(z, s, cond)
-        ab_s, ab_n = adapter.alpha_bar(s), adapter.alpha_bar(s_next)
-        return ((ab_n.sqrt() * (z - (1 - ab_s).sqrt() * e) / ab_s.sqrt()) + (1 - ab_n).sqrt() * e).to(z.dtype)
-
-    k, t_end = config.secmi_k, config.secmi_t
-    z = z0
-    for s in range(0, t_end, k):
-        z = ddim(z, adapter.timestep(s), adapter.timestep(s + k))
-    t, t_up = adapter.timestep(t_end), adapter.timestep(t_end + k)
-    return {"SecMI": l2(z - ddim(ddim(z, t, t_up), t_up, t))}
-
-
-def naive_pia(adapter, z0, cond, sha256, config: FeatureConfig, seed: int, normalised: bool = False) -> dict:
-    t = adapter.timestep(config.pia_t)
-    eps0 = adapter.eps_hat(z0, adapter.timestep(0), cond)  # PIA and PIAN each pay for their own eps0
-    if normalised:
-        eps0 = eps0 * math.sqrt(2 / math.pi) / eps0.abs().flatten(1).mean(1).view(-1, 1, 1, 1)
-    value = (eps0 - adapter.eps_hat(adapter.q(z0, t, eps0), t, cond)).flatten(1).norm(p=config.pia_p, dim=1)
-    return {"PIAN" if normalised else "PIA": value}
-
-
-def naive_pian(adapter, z0, cond, sha256, config: FeatureConfig, seed: int) -> dict:
-    return naive_pia(adapter, z0, cond, sha256, config, seed, normalised=True)
-
-
-def naive_ml(adapter, z0, cond, sha256, config: FeatureConfig, seed: int) -> dict:
-    eps = image_noise(z0, sha256, seed, SHARED_NOISE)
-    out = {}
-    for t_ref in config.multi_timesteps:
-        t = adapter.timestep(t_ref)
-        out[f"ML_{t_ref}"] = l2(adapter.eps_hat(adapter.q(z0, t, eps), t, cond) - eps)
-    return out
-
-
-def naive_gm(adapter, z0, cond, sha256, config: FeatureConfig, seed: int) -> dict:
-    eps = image_noise(z0, sha256, seed, SHARED_NOISE)
-    k = int(config.gm_mask_ratio * z0[0].numel())
-    out = {}
-    for t_ref in config.multi_timesteps:
-        t = adapter.timestep(t_ref)
-        z_t = adapter.q(z0, t, eps).detach().requires_grad_(True)
-        l2(adapter.eps_hat(z_t, t, cond) - eps).sum().backward()  # weights trainable: fills their .grad too
-        adapter.unet.zero_grad(set_to_none=True)
-        mask = torch.zeros_like(z_t).flatten(1)
-        mask.scatter_(1, z_t.grad.abs().flatten(1).topk(k, dim=1).indices, 1.0)
-        mask = mask.view_as(z0)
-        with torch.no_grad():
-            z_m = mask * eps + (1 - mask) * z0
-            out[f"GM_{t_ref}"] = l2(mask * (eps - z0) - mask * adapter.eps_hat(z_m, t, cond))
-    return out
-
-
-def naive_no(adapter, z0, cond, sha256, config: FeatureConfig, seed: int) -> dict:
-    t = adapter.timestep(config.no_t)
-    eps = image_noise(z0, sha256, seed, "NO", config.no_t)
-    z_t = adapter.q(z0, t, eps).detach()
-    delta = torch.zeros_like(z_t, requires_grad=True)  # one tensor for the whole batch, as the reference
-    # The reference runs scipy's L-BFGS-B (maxiter 5, with a line search); torch's L-BFGS without a line search
-    # diverges here (loss x8 on the demo), so use its strong-Wolfe search. It stops at max_eval = 6 evaluations.
-    optimiser = torch.optim.LBFGS([delta], max_iter=5, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        adapter.unet.zero_grad(set_to_none=True)
-        loss = l2(adapter.eps_hat(z_t + delta, t, cond) - eps).mean()  # a batch mean, as the reference
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    adapter.unet.zero_grad(set_to_none=True)
-    with torch.no_grad():  # the objective itself at the optimum (cdi's definition, not the reference's re-noising)
-        loss = l2(adapter.eps_hat(z_t + delta, t, cond) - eps)
-    return {"NO_loss": loss, "NO_delta": l2(delta.detach())}
-
-
-#: (family, function, needs input gradients): seven independent passes over the image set.
-NAIVE_FAMILIES: tuple[tuple[str, Callable, bool], ...] = (
-    ("DL", naive_dl, False),
-    ("SecMI", naive_secmi, False),
-    ("PIA", naive_pia, False),
-    ("PIAN", naive_pian, False),
-    ("ML", naive_ml, False),
-    ("GM", naive_gm, True),
-    ("NO", naive_no, True),
-)
-
-
-@contextlib.contextmanager
-def trainable_weights(adapter: DiffusionAdapter):
-    """Weights trainable as in the research code (every backward also computes weight gradients)."""
-    adapter.unet.requires_grad_(True)
-    try:
-        yield
-    finally:
-        adapter.unet.zero_grad(set_to_none=True)
-        adapter.unet.requires_grad_(False)
-
-
-def naive(adapter: DiffusionAdapter, records: Sequence[ImageRecord], args: argparse.Namespace, device: str) -> dict:
-    config = FeatureConfig()
-    info = adapter.info
-    counter = PassCounter(adapter.unet)
-    values: dict[str, list[torch.Tensor]] = {}
-    family_seconds: dict[str, dict[str, float]] = {}
-    adapter.to(device)  # contiguous: the engine hands the model back in the layout it came in
-    try:
-        with trainable_weights(adapter):
-            for family, compute, needs_grad in NAIVE_FAMILIES:
-                counter.family = family
-                with timed(family_seconds, family, device):
-                    for first in range(0, len(records), args.batch_size):
-                        batch = records[first : first + args.batch_size]
-                        # Every family re-reads and re-encodes its images, as each reference script does.
-                        x = torch.stack([load_image(r.path, info.image_size, info.image_channels) for r in batch])
-                        with torch.no_grad():
-                            z0 = adapter.encode(x.to(device)).float()
-                        cond = adapter.condition([r.label for r in batch], [r.caption for r in batch])
-                        sha256 = [r.sha256 for r in batch]
-                        with contextlib.nullcontext() if needs_grad else torch.no_grad():
-                            for name, value in compute(adapter, z0, cond, sha256, config, args.seed).items():
-                                values.setdefault(name, []).append(value.detach().float().cpu())
-    finally:
-        counter.remove()
-    matrix = np.stack([torch.cat(values[name]).numpy() for name in FEATURE_NAMES], axis=1).astype(np.float64)
-    total = {clock: sum(s[clock] for s in family_seconds.values()) for clock in ("wall", "cpu")}
-    return {"values": matrix, "seconds": total, "family_seconds": family_seconds, "counter": counter}
 
 
 # -- 4. the floor -----------------------------------------------------------------------------------------------
