@@ -9,12 +9,16 @@ precision (32, bf16), with the same images, batch size and one thread:
 - the naive per-family baseline of `benchmarks/extraction.py` (the research code's passes, weights
   trainable, float32), once per model;
 - model calls and rows per image counted by a forward hook on the denoiser;
+- with `--compile`, the same under `--compile on`, and its features against the eager ones;
 - the features of the batched run against the unbatched ones (max relative difference per feature).
 
 Ratios are against the float32 unbatched plain extraction measured in the same process (`baseline`).
 Runs are interleaved over `--repeats`; times are medians of process CPU time.
 
-    OMP_NUM_THREADS=1 python benchmarks/batching.py --json benchmarks/results/cpu-$(date +%F)-batching.json
+    OMP_NUM_THREADS=1 python benchmarks/batching.py --json benchmarks/results/batching-$(date +%F).json
+
+`--compile` adds the plain extraction under `--compile on` (torch.compile's warm-up timed apart, one batch per
+precision and batching mode); `--precisions 32` keeps to float32; `--device cuda` times by the wall clock.
 """
 
 from __future__ import annotations
@@ -78,10 +82,11 @@ class CallCounter:
         self.handle.remove()
 
 
-def run_extract(adapters: Sequence[DiffusionAdapter], records, args, precision: str, mode: str) -> dict:
+def run_extract(adapters: Sequence[DiffusionAdapter], records, args, precision: str, mode: str,
+                compile: str = "off") -> dict:
     """Every adapter's 26 features (target, then references), timed by CPU and wall clock."""
-    options = dict(seed=args.seed, batch_size=args.batch_size, device="cpu", progress=False, use_cache=False,
-                   precision=precision, threads=args.threads, timestep_batching=mode)
+    options = dict(seed=args.seed, batch_size=args.batch_size, device=args.device, progress=False, use_cache=False,
+                   precision=precision, threads=args.threads, timestep_batching=mode, compile=compile)
     counter = CallCounter(adapters[0].denoiser)
     cpu, wall = time.process_time(), time.perf_counter()
     try:
@@ -102,29 +107,40 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
     print(f"{name}: {n} images, batch {args.batch_size}, {args.threads} thread(s)", file=sys.stderr)
     for precision in PRECISIONS:  # warm-up: one batch per precision through the engine
         extract(target, list(records[: args.batch_size]), ("DL",), seed=args.seed, batch_size=args.batch_size,
-                device="cpu", progress=False, use_cache=False, precision=precision, threads=args.threads)
+                device=args.device, progress=False, use_cache=False, precision=precision, threads=args.threads)
+    warmup: dict[str, dict[str, float]] = {}
+    if args.compile:  # torch.compile's warm-up, timed apart: one batch per precision and batching mode
+        for precision in PRECISIONS:
+            for mode in MODES:
+                result = run_extract([target], records[: args.batch_size], args, precision, mode, "on")
+                warmup[f"{precision}/{mode}"] = {"cpu_s": result["cpu"], "wall_s": result["wall"]}
+                print(f"{name}: compile warm-up {precision}/{mode}: {result['cpu']:.1f} CPU-s, {result['wall']:.1f} s",
+                      file=sys.stderr)
+    kinds = ("plain", "reference", *(("compiled",) if args.compile else ()))
     runs: dict[str, list[dict]] = {}
     naive_runs = []
     for repeat in range(args.repeats):
         for precision in PRECISIONS:
             for mode in MODES:
-                for with_reference in (False, True):
-                    key = f"{precision}/{mode}/{'reference' if with_reference else 'plain'}"
-                    adapters = [target, reference] if with_reference else [target]
-                    result = run_extract(adapters, records, args, precision, mode)
+                for kind in kinds:
+                    key = f"{precision}/{mode}/{kind}"
+                    adapters = [target, reference] if kind == "reference" else [target]
+                    result = run_extract(adapters, records, args, precision, mode,
+                                         "on" if kind == "compiled" else "off")
                     runs.setdefault(key, []).append(result)
                     print(f"{name}: {key}: {result['cpu'] / n:.4f} CPU-s/image (repeat {repeat + 1})", file=sys.stderr)
         if not args.no_naive:
             started = time.process_time()
-            naive = bench.naive(target, records, argparse.Namespace(batch_size=args.batch_size, seed=args.seed), "cpu")
+            naive = bench.naive(target, records, argparse.Namespace(batch_size=args.batch_size, seed=args.seed),
+                                args.device)
             naive_runs.append({"cpu": time.process_time() - started, "wall": naive["seconds"]["wall"],
                                "counter": naive["counter"]})
             print(f"{name}: naive: {naive_runs[-1]['cpu'] / n:.4f} CPU-s/image", file=sys.stderr)
 
-    def per_image(key: str, clock: str = "cpu") -> float:
+    def per_image(key: str, clock: str = "wall" if args.device == "cuda" else "cpu") -> float:
         return statistics.median(run[clock] for run in runs[key]) / n
 
-    baseline = per_image("32/off/plain")
+    baseline = per_image(f"{PRECISIONS[0]}/off/plain")
     table: dict[str, Any] = {}
     for key, repeats in runs.items():
         precision, mode, kind = key.split("/")
@@ -135,6 +151,7 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
             "cpu_s_per_image_repeats": [run["cpu"] / n for run in repeats],
             "ratio_to_baseline": per_image(key) / baseline,
             "speedup_of_batching": per_image(f"{precision}/off/{kind}") / per_image(key),
+            "speedup_of_compile": per_image(f"{precision}/{mode}/plain") / per_image(key),
             "reference_over_plain": per_image(f"{precision}/{mode}/reference") / per_image(f"{precision}/{mode}/plain"),
             "model_calls_per_image": {k: v / n for k, v in first["calls"].items()},
             "rows_per_image": {k: v / n for k, v in first["rows"].items()},
@@ -143,7 +160,7 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
         "n_images": n,
         "image_shape": [target.info.image_channels, target.info.image_size, target.info.image_size],
         "parameters": sum(p.numel() for p in target.denoiser.parameters()),
-        "baseline": "32/off/plain",
+        "baseline": f"{PRECISIONS[0]}/off/plain",
         "baseline_cpu_s_per_image": baseline,
         "runs": table,
         "batched_vs_unbatched_max_rel_diff": {
@@ -151,11 +168,18 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
                                            runs[f"{precision}/off/plain"][0]["values"])
             for precision in PRECISIONS
         },
+        "compile_warmup": warmup,
+        "compiled_vs_eager_max_rel_diff": {
+            f"{precision}/{mode}": relative_difference(runs[f"{precision}/{mode}/compiled"][0]["values"],
+                                                       runs[f"{precision}/{mode}/plain"][0]["values"])
+            for precision in PRECISIONS for mode in MODES
+        } if args.compile else {},
         "bf16_vs_32_max_rel_diff": relative_difference(runs["bf16/off/plain"][0]["values"],
-                                                       runs["32/off/plain"][0]["values"]),
+                                                       runs["32/off/plain"][0]["values"])
+        if {"32", "bf16"} <= set(PRECISIONS) else {},
     }
     if naive_runs:
-        naive_s = statistics.median(run["cpu"] for run in naive_runs) / n
+        naive_s = statistics.median(run["wall" if args.device == "cuda" else "cpu"] for run in naive_runs) / n
         passes = naive_runs[0]["counter"].per_image(n)
         entry["naive"] = {
             "cpu_s_per_image": naive_s,
@@ -168,7 +192,7 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
 
 def print_table(results: dict) -> None:
     s = results["settings"]
-    print(f"\n{s['device_name']}, torch {s['torch']}, {s['threads']} thread(s), batch {s['batch_size']}, CPU time")
+    print(f"\n{s['device']} {s['device_name']}, torch {s['torch']}, {s['threads']} thread(s), batch {s['batch_size']}, {s['clock']} time")
     for name, entry in results["models"].items():
         print(f"\n{name}: {entry['n_images']} images {entry['image_shape']}, {entry['parameters'] / 1e6:.2f} M params; "
               f"baseline (32, unbatched, plain) {entry['baseline_cpu_s_per_image']:.4f} s/image")
@@ -186,12 +210,18 @@ def print_table(results: dict) -> None:
             identical = sum(value == 0 for value in diffs.values())
             print(f"  batched vs unbatched, {precision}: {identical}/26 features bit-identical, max rel. diff "
                   f"{diffs[worst]:.2e} ({worst})")
+        for variant, diffs in entry.get("compiled_vs_eager_max_rel_diff", {}).items():
+            worst = max(diffs, key=diffs.get)
+            print(f"  compiled vs eager, {variant}: max rel. diff {diffs[worst]:.2e} ({worst}); warm-up "
+                  f"{entry['compile_warmup'][variant]['cpu_s']:.1f} CPU-s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo,cifar")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: times are wall-clock seconds (CPU time means nothing there)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--demo-images", type=int, default=64)
     parser.add_argument("--n-images", type=int, default=4, help="random images for the CIFAR-shape model")
@@ -199,11 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive per-family baseline")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure --compile on (plain extraction; warm-up timed apart)")
+    parser.add_argument("--precisions", default="32,bf16")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tracking-uri")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    global PRECISIONS
+    PRECISIONS = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -219,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "benchmark": "batching",
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": "cpu",
+            "device": args.device,
+            "clock": "wall" if args.device == "cuda" else "cpu",
             "device_name": bench.cpu_name(),
             "native_bf16": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()),
             "cpu_count": os.cpu_count(),

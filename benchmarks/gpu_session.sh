@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement cdi still lacks, in one call on a lent GPU machine (about 6-8 minutes on an H200).
+# Every GPU measurement cdi still lacks, in one call on a lent GPU machine (about 8-11 minutes on an H200;
+# the batching step, which also pays torch.compile's warm-up, takes up to 7 minutes of it).
 #
 # The device's Python has torch, lightning, transformers, scikit-learn, scipy, pandas but not diffusers:
 # carry its wheel (see benchmarks/README.md, "On a GPU machine"). Results go to $OUT (default
@@ -12,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/cdi-gpu-out}
 mkdir -p "$OUT"
-STEPS=${CDI_GPU_STEPS:-"cifar cifar32 sd15 dit"}
+STEPS=${CDI_GPU_STEPS:-"cifar cifar32 batching sd15 dit"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,8 +25,9 @@ LOG=$OUT/session.log
 
 if [ -n "${CDI_GPU_DRY_RUN:-}" ]; then
     DEVICE=cpu; N=8; DEMO=16; BATCH=8; REPEATS=1; THREADS=(--threads 1); STEPS=${CDI_GPU_STEPS:-"cifar"}
+    COMPILE=()  # inductor's warm-up takes minutes on a CPU
 else
-    DEVICE=cuda; N=256; DEMO=200; BATCH=64; REPEATS=3; THREADS=()
+    DEVICE=cuda; N=256; DEMO=200; BATCH=64; REPEATS=3; THREADS=(); COMPILE=(--compile)
 fi
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log, never stop the session
@@ -53,6 +55,10 @@ for s in $STEPS; do
         step cifar-fp32 240 "$PY" benchmarks/extraction.py --device "$DEVICE" --no-mlflow --models cifar \
             --n-images "$N" --batch-size "$BATCH" --precision 32 --repeats "$REPEATS" "${THREADS[@]}" \
             --json "$OUT/extraction-fp32.json" ;;
+    batching)  # timestep batching off/on, --compile on (warm-up timed apart), reference model: bf16 and float32
+        step batching 420 "$PY" benchmarks/batching.py --device "$DEVICE" --no-mlflow --models demo,cifar \
+            --n-images "$N" --demo-images "$DEMO" --batch-size "$BATCH" --repeats 2 --no-naive "${COMPILE[@]}" \
+            "${THREADS[@]}" --json "$OUT/batching.json" ;;
     sd15|dit)  # memory and speed per family at batch 1, 8, 32 on real-size latent models (random weights)
         arch=$([ "$s" = sd15 ] && echo sd15 || echo dit-xl-2-256)
         rm -rf "/tmp/cdi-$s"

@@ -116,12 +116,15 @@ def _image_statistics(records: Sequence[ImageRecord], latents: Any | None) -> np
     return stats if latents is None else np.hstack([stats, latents.values.astype(np.float32)])
 
 
-def difficulty_covariates_of(records: Sequence[ImageRecord], size: int, channels: int) -> np.ndarray:
+def difficulty_covariates_of(records: Sequence[ImageRecord], size: int, channels: int,
+                             pixels: bool = False) -> np.ndarray:
     """Label-free difficulty covariates of each image as the model sees it (`cdi.stats.difficulty`), one row
-    per record; the audit, the search and the power benchmark all compute them here."""
+    per record, with the image's pixels appended when `pixels` (mode "image+pca"); the audit and the search
+    compute them here."""
     from cdi.data import load_image
 
-    return np.stack([difficulty_covariates(load_image(r.path, size, channels).numpy()) for r in records])
+    return np.stack([difficulty_covariates(load_image(r.path, size, channels).numpy(), pixels=pixels)
+                     for r in records])
 
 
 #: Default of `--difficulty-calibration` (benchmarks/power.py measured its gain; see benchmarks/README.md).
@@ -327,6 +330,7 @@ class ExtractionOptions:
     precision: str = "auto"
     threads: int | None = None
     timestep_batching: str = "auto"
+    compile: str = "auto"
 
     def for_extract(self, **changes: Any) -> dict[str, Any]:
         """These options as `cdi.features.extract`'s keyword arguments (its own names), with `changes`."""
@@ -419,6 +423,7 @@ class AuditPlan:
             "num_nodes": x.num_nodes,
             "precision": x.precision,
             "timestep_batching": x.timestep_batching,
+            "compile": x.compile,
             "threads": x.threads or None,
             **{f"feature.{key}": value for key, value in s.feature_config.to_dict().items()},
             "suspect_path": str(self.suspect.resolve()),
@@ -527,7 +532,8 @@ def extract_step(plan: AuditPlan) -> Extracted:
     if plan.adapter.info.family != "pixel_unet":  # the encoder's view of each image, for the shift guard
         latents = extract(plan.adapter, plan.records, latent_statistic_names(plan.adapter.latent_channels),
                           config=s.feature_config, seed=s.seed,
-                          **x.for_extract(progress=False, precision="32", timestep_batching="off"))
+                          **x.for_extract(progress=False, precision="32", timestep_batching="off",
+                                           compile="off"))
     return Extracted(target, references, latents)
 
 
@@ -542,7 +548,8 @@ def assess_step(plan: AuditPlan, extracted: Extracted) -> Assessed:
     s, info, records = plan.settings, plan.adapter.info, plan.records
     calibrated = calibrate(
         extracted.target.values, [e.values for e in extracted.references], s.names,
-        difficulty_covariates_of(records, info.image_size, info.image_channels)
+        difficulty_covariates_of(records, info.image_size, info.image_channels,
+                                 pixels=s.difficulty_calibration == "image+pca")
         if s.difficulty_calibration != "off" else None,
         representation=s.representation, formula=s.reference_formula, difficulty=s.difficulty_calibration,
     )
@@ -697,6 +704,7 @@ def audit(
     precision: str = "auto",
     threads: int | None = None,
     timestep_batching: str = "auto",
+    compile: str = "auto",
     prompt: str | None = None,
     class_label: str | int | None = None,
     latent_sample_seed: int | None = None,
@@ -738,7 +746,8 @@ def audit(
                     reference_formula=reference_formula, difficulty_calibration=difficulty_calibration)
     options = ExtractionOptions(batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir,
                                 use_cache=use_cache, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                                precision=precision, threads=threads, timestep_batching=timestep_batching)
+                                precision=precision, threads=threads, timestep_batching=timestep_batching,
+                                compile=compile)
     plan = plan_audit(model, suspect, control, settings, options, search_config=search_config,
                       allow_pickle=allow_pickle, prompt=prompt, class_label=class_label,
                       latent_sample_seed=latent_sample_seed, reference_models=reference_models, lora=lora,

@@ -84,3 +84,14 @@ def test_console_script_prints_no_traceback_on_user_error(tmp_path, tracking_uri
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("cdi: error:") and "Traceback" not in proc.stderr
+
+
+def test_difficulty_calibration_with_pixel_components_runs_end_to_end(tiny_model, image_sets, tracking_uri, tmp_path):
+    out = tmp_path / "result.json"
+    code = main(audit_args(tiny_model, *image_sets, "--output", str(out), "--access", "gray", "--features", "DL,PIA",
+                           "--difficulty-calibration", "image+pca", "--permutations", "100", "--power-resamples", "0"))
+    assert code == 0
+    calibration = json.loads(out.read_text())["calibration"]
+    assert calibration["difficulty_calibration"] == "image+pca"
+    assert calibration["difficulty_covariates"][:5] == ["mean", "spread", "ink_fraction", "zlib_bits", "edge_energy"]
+    assert calibration["difficulty_covariates"][5:] == ["pca_1", "pca_2"]  # k = 24 images // 10

@@ -9,6 +9,7 @@ from pathlib import Path
 from cdi.cli.common import (add_access_option, add_compute_options, add_format_option, add_progress_option,
                             add_reference_option, add_tracking_options, check_output_path, set_threads, write_output)
 from cdi.options import comma_list, count, positive_int
+from cdi.stats.difficulty import DIFFICULTY_MODES
 from cdi.tracking import audit as audit_layout
 
 
@@ -48,6 +49,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="make each feature family's model calls at several timesteps or draws of a batch as "
                             "fewer, larger calls (auto: on in bf16 on CPU, off in float32, whose features it "
                             "changes in the last bits, ~1e-6 relative; cached apart when on)")
+    audit.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                       help="run the denoiser under torch.compile (auto: off, as measured on CPU, where its "
+                            "warm-up of minutes outweighs a <10%% gain, and on CUDA until measured; on: compile, "
+                            "or warn and run uncompiled where no compiler works; cached apart when on)")
     audit.add_argument("--cache-dir", default=None,
                        help="feature cache folder (default $CDI_CACHE_DIR, else ~/.cache/cdi/features)")
     audit.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
@@ -75,9 +80,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="with reference models: score the calibrated features (default), the raw ones, or both")
     audit.add_argument("--reference-formula", choices=("difference", "log_ratio"), default="difference",
                        help="calibrated feature: target minus mean reference (default) or log ratio")
-    audit.add_argument("--difficulty-calibration", choices=("off", "image"), default=None,
-                       help="regress the features on label-free image statistics and score the residuals "
-                            "(image) or not (off); default: see README")
+    audit.add_argument("--difficulty-calibration", choices=DIFFICULTY_MODES, default=None,
+                       help="regress the features on label-free image statistics (image), also on the top "
+                            "principal components of the pooled images' pixels (image+pca), and score the "
+                            "residuals; or not (off, the default: see README)")
     audit.add_argument("--duplicates", choices=("refuse", "keep-one"), default="refuse",
                        help="a picture found more than once (same file, or re-encoded, resized, lightly edited): "
                             "refuse the audit (default) or keep one copy per set; a picture in both sets is refused")
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         precision=args.precision,
         timestep_batching=args.timestep_batching,
+        compile=args.compile,
         threads=args.threads or None,  # also inside Lightning's DDP processes, which pick their own count
         prompt=args.prompt,
         class_label=args.class_label,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, Setting
-from cdi.features.extraction import ExtractionReport, FeatureExtractor, extract, extract_features
+from cdi.features.extraction import ExtractionReport, FeatureExtractor, extract
 from cdi.features.registry import (
     FAMILIES,
     FEATURE_NAMES,
@@ -30,7 +30,6 @@ __all__ = [
     "Passes",
     "Setting",
     "extract",
-    "extract_features",
     "features_for_access",
     "features_reading",
     "passes_per_image",

@@ -90,6 +90,7 @@ class FeatureExtractor(L.LightningModule):
         session: str = "",
         threads: int | None = None,
         calls: ModelCalls = UNBATCHED,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         self.adapter = adapter
@@ -102,6 +103,8 @@ class FeatureExtractor(L.LightningModule):
         self.session = session
         self.threads = threads
         self.calls = calls
+        self.compiled = compiled
+        self._compiling: contextlib.ExitStack | None = None
         self.families = plan_families(self.names, config)
 
     def on_predict_start(self) -> None:
@@ -110,6 +113,14 @@ class FeatureExtractor(L.LightningModule):
             torch.set_num_threads(self.threads)
         if self.channels_last:
             self.adapter.to(memory_format=torch.channels_last)
+        if self.compiled:  # in the rank's own process (ddp_spawn pickles the module: compile after the spawn)
+            self._compiling = contextlib.ExitStack()
+            self._compiling.enter_context(compiled_denoiser(self.adapter, True))
+
+    def teardown(self, stage: str) -> None:
+        if self._compiling is not None:  # also after a failed batch: the eager forward is back
+            self._compiling.close()
+            self._compiling = None
 
     def on_predict_end(self) -> None:
         torch.set_num_threads(self._threads_before)
@@ -224,7 +235,6 @@ class ExtractionReport:
     cache_misses: int
     seconds: float
     family_seconds: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -251,6 +261,98 @@ def resolve_timestep_batching(mode: str, precision: str, device: str) -> bool:
     if mode == "auto":
         return precision == "bf16" and device == "cpu"
     return mode == "on"
+
+
+COMPILE_MODES = ("auto", "on", "off")
+_compiler_works: dict[str, bool] = {}
+
+
+def compiler_available(device: str = "cpu") -> bool:
+    """Whether torch.compile's default backend compiles and runs a tiny function on `device` (checked once per
+    process and device: on CPU inductor needs a working C++ compiler)."""
+    if device not in _compiler_works:
+        try:
+            probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2.0 + 1.0)
+            x = torch.linspace(-1.0, 1.0, 8, device=device)
+            _compiler_works[device] = bool(torch.allclose(probe(x), torch.nn.functional.silu(x) * 2.0 + 1.0))
+        except Exception as exc:  # noqa: BLE001 - any failure of the compiler stack means: no compiler
+            log.info("torch.compile unavailable on %s: %s", device, str(exc).splitlines()[0] if str(exc) else exc)
+            _compiler_works[device] = False
+    return _compiler_works[device]
+
+
+def resolve_compile(mode: str, device: str) -> bool:
+    """Whether the denoiser runs under `torch.compile` (`compiled_denoiser`). `auto`: off, on CPU because it is
+    measured no faster there once its warm-up is paid (~7 % per image once warm, 1-2 CPU minutes of warm-up
+    per precision and call shape: benchmarks/README.md, "Timestep batching, `--compile` and reference
+    models"), on CUDA until benchmarks/gpu_session.sh has measured it; `on`: compile
+    where a compiler works, else warn and run eagerly; `off`: never."""
+    if mode not in COMPILE_MODES:
+        raise OptionError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode != "on":
+        return False
+    if not hasattr(torch, "compile") or not compiler_available(device):
+        log.warning("--compile on: torch.compile does not work on %s here (no compiler backend); the denoiser runs "
+                    "uncompiled", device)
+        return False
+    return True
+
+
+class _CompiledForward:
+    """A module's forward run compiled, falling back to the eager forward for good (with a warning) the first
+    time compilation fails; an out-of-memory error propagates, for the caller's retry."""
+
+    def __init__(self, eager, compiled, name: str) -> None:
+        self.eager, self.compiled, self.name, self.failed = eager, compiled, name, False
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure of any kind: fall back
+            if _is_out_of_memory(exc):
+                raise
+            self.failed = True
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("--compile: compiling %s failed (%s: %s); running it uncompiled", self.name,
+                        type(exc).__name__, first[:200])
+            return self.eager(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def compiled_denoiser(adapter: DiffusionAdapter, enabled: bool, compiler=None):
+    """While it runs, the adapter's denoiser forward is `torch.compile`d (dynamic shapes, so the timestep-batched
+    calls' larger batches and a last, smaller batch do not each recompile); afterwards the eager forward is
+    back. Forward hooks and the input-gradient path (AOTAutograd compiles the backward) are kept. `compiler`
+    stands in for torch.compile (tests)."""
+    if not enabled:
+        yield
+        return
+    module = adapter.denoiser
+    uncompile(adapter)
+    eager = module.forward
+    compile_fn = compiler or (lambda fn: torch.compile(fn, dynamic=True))
+    try:
+        # A later extraction in this process (the next batch plan, an out-of-memory retry) wraps the forward
+        # anew; dynamo's cache sits on the forward's code, so its compiled graphs are reused (measured).
+        compiled = compile_fn(eager)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("--compile: torch.compile of %s failed (%s); running it uncompiled", type(module).__name__, exc)
+        yield
+        return
+    module.forward = _CompiledForward(eager, compiled, type(module).__name__)
+    try:
+        yield
+    finally:
+        uncompile(adapter)
+
+
+def uncompile(adapter: DiffusionAdapter) -> None:
+    """The denoiser's eager forward back, if `compiled_denoiser` left it compiled."""
+    module = adapter.denoiser
+    if isinstance(vars(module).get("forward"), _CompiledForward):
+        del module.forward
 
 
 def _largest_call(config: FeatureConfig, batch_size: int) -> int:
@@ -324,13 +426,17 @@ def extract(
     threads: int | None = None,
     timestep_batching: str = "auto",
     max_call_rows: int | None = None,
+    compile: str = "auto",
 ) -> ExtractionReport:
     """Features of `records`, in their order, with cache statistics and timings.
 
     `timestep_batching` (auto, on, off; `resolve_timestep_batching`): make each family's several same-shaped
     model calls of a batch (GM/ML's timesteps, DL's draws, PIA and PIAN) as fewer calls of at most
     `max_call_rows` rows (None: a family's calls of a batch in one); out of memory, the rows per call are
-    halved down to the batch size before the batch is."""
+    halved down to the batch size before the batch is.
+
+    `compile` (auto, on, off; `resolve_compile`): run the denoiser under `torch.compile` (in a multi-process
+    extraction each rank compiles its own); its features are cached apart (compiled kernels round differently)."""
     if batch_size < 1:
         raise OptionError(f"--batch-size {batch_size}: must be a positive integer")
     if devices < 1 or num_nodes < 1:
@@ -342,6 +448,7 @@ def extract(
     if max_call_rows is not None and max_call_rows < 1:
         raise OptionError(f"max_call_rows {max_call_rows}: must be a positive number of rows (or None)")
     calls = ModelCalls(batched, max_call_rows)
+    compiled = resolve_compile(compile, accelerator)
     channels_last = accelerator == "cuda" if channels_last is None else channels_last
     names = tuple(names)
 
@@ -356,6 +463,8 @@ def extract(
     key = config.to_dict() if precision == "32" else {**config.to_dict(), "precision": precision}
     if batched:  # a larger batch rounds differently in the last bits (float32: measured ~1e-6 relative)
         key = {**key, "timestep_batching": "on"}
+    if compiled:  # fused kernels round differently in the last bits (float32: measured in benchmarks/README.md)
+        key = {**key, "compile": "on"}
     cache = FeatureCache.open(cache_root, adapter.info.fingerprint, key, seed)
     conditioning = adapter.info.conditioning
     keys = [_row_key(record, conditioning) for record in records]
@@ -371,7 +480,7 @@ def extract(
         session = _session_id(todo, names, conditioning)
         with half_precision_weights(adapter, precision if todo else "32"):
             _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
-                             num_nodes, strategy, precision, channels_last, threads, session, calls)
+                             num_nodes, strategy, precision, channels_last, threads, session, calls, compiled)
         rows = cache.load(wanted, names)
         if devices * num_nodes > 1:
             rows = _wait_for_other_ranks(cache, wanted, names, rows)
@@ -391,7 +500,6 @@ def extract(
         cache_misses=len(unique) - len(cached),
         seconds=seconds,
         family_seconds=family_seconds,
-        batch_size=batch_size,
     )
 
 
@@ -449,7 +557,8 @@ def _session_id(todo: Sequence[ImageRecord], names: Sequence[str], conditioning:
 
 
 def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
-                     strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED) -> None:
+                     strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED,
+                     compiled: bool = False) -> None:
     """Extract `todo` into the cache; out of memory: with timestep batching, halve the rows per model call
     (down to the batch size), else halve the batch, and go on with the unfinished images.
     Only out-of-memory errors are retried: Interrupted and every other error propagate."""
@@ -457,7 +566,7 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
     while todo:
         try:
             _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
-                     num_nodes, strategy, precision, channels_last, threads, session, calls)
+                     num_nodes, strategy, precision, channels_last, threads, session, calls, compiled)
             return
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             if not _is_out_of_memory(exc):
@@ -488,14 +597,15 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
 
 
 def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
-             strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED) -> None:
+             strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED,
+             compiled: bool = False) -> None:
     info = adapter.info
     dataset = ImageDataset(todo, info.image_size, info.image_channels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=RankBatchSampler(len(dataset), batch_size), num_workers=0
     )
     module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last, session,
-                              threads, calls)
+                              threads, calls, compiled)
     world_size = devices * num_nodes
     timeout = rendezvous_timeout() if world_size > 1 else None
     if strategy == "auto" and world_size > 1:
@@ -541,6 +651,8 @@ def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progre
         _stop_other_processes(trainer)
         raise
     finally:
+        if compiled:
+            uncompile(adapter)  # Lightning skips teardown hooks on some failures
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not sigint:
             signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after an interrupt
 
@@ -601,9 +713,3 @@ def _check_finite(values: np.ndarray, records: Sequence[ImageRecord], keys: Sequ
             f"{records[bad_rows[0]].path}: non-finite feature(s) {', '.join(bad_cols)} "
             f"({len(bad_rows)} image(s) affected); {fix}; the cached features of the other images are kept"
         )
-
-
-def extract_features(adapter: DiffusionAdapter, records: Sequence[ImageRecord], names: Sequence[str],
-                     **options) -> np.ndarray:
-    """Just the feature matrix, shape (len(records), len(names)); see `extract` for the options."""
-    return extract(adapter, records, names, **options).values

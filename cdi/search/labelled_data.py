@@ -29,8 +29,10 @@ Variant = tuple[str, Any, Sequence[str]]
 
 def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], names: Sequence[str],
               variants: Sequence[Variant], *, reference_models: Sequence[str | Path], seed: int, batch_size: int,
-              device: str, cache_dir: str | Path | None, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """CalibrationData fields (X, names, X_reference, covariates) of `records`, and what describes them.
+              device: str, cache_dir: str | Path | None, progress: bool,
+              pixels: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CalibrationData fields (X, names, X_reference, covariates) of `records`, and what describes them;
+    `pixels`: the covariates carry each image's pixels too (difficulty mode "image+pca").
 
     Each model gets the default configuration's features, then each variant's affected features only.
     """
@@ -53,7 +55,7 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
         return np.hstack(blocks)
 
     columns = [*names, *(variant_column(f, setting, value) for setting, value, features in variants for f in features)]
-    covariates = difficulty_covariates_of(records, info.image_size, info.image_channels)
+    covariates = difficulty_covariates_of(records, info.image_size, info.image_channels, pixels=pixels)
     fields = dict(X=matrix(adapter), names=tuple(columns), X_reference=[matrix(r) for r in references],
                   covariates=covariates)
     description: dict[str, Any] = {"model": str(Path(model).resolve()), "model_fingerprint": info.fingerprint}
@@ -67,7 +69,7 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
 def known_membership(model: str | Path, members: str | Path, nonmembers: Sequence[str | Path], names: Sequence[str],
                      *, variants: Sequence[Variant] = (), reference_models: Sequence[str | Path] = (), seed: int = 0,
                      batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
-                     progress: bool = False) -> CalibrationData:
+                     progress: bool = False, pixels: bool = False) -> CalibrationData:
     """Members (label 1) and non-members (label 0) of a model whose training set is known."""
     from cdi.models import load_model
 
@@ -83,7 +85,7 @@ def known_membership(model: str | Path, members: str | Path, nonmembers: Sequenc
     records = [*member_records, *nonmember_records]
     fields, models = _features(load_model(model), model, records, names, variants, reference_models=reference_models,
                                seed=seed, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                               progress=progress)
+                               progress=progress, pixels=pixels)
     return CalibrationData(
         y=np.array([1] * len(member_records) + [0] * len(nonmember_records)), **fields,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
@@ -104,7 +106,7 @@ def held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -> list
 def split(model: str | Path, suspect: str | Path, control: str | Path, names: Sequence[str], *, fraction: float,
           variants: Sequence[Variant] = (), reference_models: Sequence[str | Path] = (), seed: int = 0,
           batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
-          progress: bool = False) -> CalibrationData:
+          progress: bool = False, pixels: bool = False) -> CalibrationData:
     """A seeded `fraction` of the owner's P (label 1) and U (label 0), held out for the search."""
     if not 0.0 < fraction < 1.0:
         raise OptionError(f"--calibration-fraction {fraction}: must lie strictly between 0 and 1 (e.g. 0.3)")
@@ -119,7 +121,8 @@ def split(model: str | Path, suspect: str | Path, control: str | Path, names: Se
                           "control images; at least 6 per side are needed: raise the fraction or add images")
     records = [*p_cal, *u_cal]
     fields, models = _features(adapter, model, records, names, variants, reference_models=reference_models, seed=seed,
-                               batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
+                               batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress,
+                               pixels=pixels)
     return CalibrationData(
         y=np.array([1] * len(p_cal) + [0] * len(u_cal)), **fields,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],

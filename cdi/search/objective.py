@@ -21,7 +21,7 @@ import numpy as np
 
 from cdi.errors import OptionError
 from cdi.stats import CrossFittedScorer, welch_one_sided
-from cdi.stats.difficulty import calibrate
+from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES, calibrate
 
 #: p-values are clipped here before the log so that a perfect separation stays finite.
 P_FLOOR = 1e-300
@@ -114,6 +114,8 @@ def detection_score(X: np.ndarray, draws: Sequence[np.ndarray], *, C: float, pen
     an exception it raises (optuna.TrialPruned) stops the scoring there.
     """
     calibrated = (representation != "raw" and len(references) > 0) or difficulty_calibration != "off"
+    if covariates is not None and difficulty_calibration == "image":  # the statistics, without pixels if any
+        covariates = covariates[:, :len(DIFFICULTY_COVARIATE_NAMES)]
     placeholder_names = [str(j) for j in range(X.shape[1])]
     p_values = []
     for r, rows in enumerate(draws):

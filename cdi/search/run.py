@@ -57,17 +57,19 @@ def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Pa
     from cdi.errors import OptionError
 
     names = space.all_features
+    pixels = "image+pca" in space.calibration.get("difficulty_calibration", ())  # its PCA needs the pixels
     if suspect is not None or control is not None:
         if suspect is None or control is None or members is not None:
             raise OptionError("calibration split: give both --suspect and --control, and no --members")
         return labelled_data.split(model, suspect, control, names, fraction=calibration_fraction,
                                  variants=space.variants(), reference_models=reference_models, seed=seed,
-                                 batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
+                                 batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress,
+                                 pixels=pixels)
     if members is None:
         raise OptionError("give --members and --nonmembers (known membership) or --suspect and --control (split)")
     return labelled_data.known_membership(model, members, nonmembers, names, variants=space.variants(),
                                         reference_models=reference_models, seed=seed, batch_size=batch_size,
-                                        device=device, cache_dir=cache_dir, progress=progress)
+                                        device=device, cache_dir=cache_dir, progress=progress, pixels=pixels)
 
 
 def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: int = 50, n_resamples: int = 10,

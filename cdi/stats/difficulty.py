@@ -23,6 +23,11 @@ membership is a small shift on top. Two ways to remove the difficulty part befor
 
    (lambda = 0: ordinary least squares; covariates standardised first.)
 
+   Mode "image": z = the five DIFFICULTY_COVARIATE_NAMES. Mode "image+pca": z = those five and the
+   scores of the top k = min(PCA_COMPONENTS, n // 10) principal components of the pixels, the PCA fitted
+   on the pooled audited images themselves (no labels; `difficulty_covariates(image, pixels=True)` appends
+   the pixels to each row, `pooled_covariates` turns them into component scores).
+
 Why the permutation test stays exact: (1)-(2) are computed per image, and (3) is fitted on the pooled
 images without their labels, so both are symmetric functions of the pooled data. Under H0 P and U
 are exchangeable, the calibrated features of an image do not depend on which set it is in, and the
@@ -41,7 +46,7 @@ from sklearn.base import BaseEstimator
 
 REPRESENTATIONS = ("raw", "calibrated", "both")
 REFERENCE_FORMULAS = ("difference", "log_ratio")
-DIFFICULTY_MODES = ("off", "image")
+DIFFICULTY_MODES = ("off", "image", "image+pca")
 DIFFICULTY_MODELS = ("ols", "ridge")
 
 #: Label-free difficulty covariates, computed on the image as the model sees it (its resolution).
@@ -53,6 +58,8 @@ DIFFICULTY_COVARIATE_NAMES = (
     "edge_energy",  # mean squared difference of neighbouring pixels (detail, texture)
 )
 _INK_THRESHOLD = 0.25
+#: Principal components of the pooled images' pixels used by mode "image+pca" (at most n // 10 of them).
+PCA_COMPONENTS = 20
 
 
 def calibrated_name(name: str, formula: str) -> str:
@@ -110,11 +117,19 @@ def represent(
     return np.hstack([target, calibrated]), [*names, *calibrated_names]
 
 
-def difficulty_covariates(image: np.ndarray) -> np.ndarray:
+def difficulty_covariates(image: np.ndarray, pixels: bool = False) -> np.ndarray:
     """The DIFFICULTY_COVARIATE_NAMES of one image, (C, H, W) or (H, W) in [-1, 1] (the model's input).
 
-    Colour images are reduced to their luminance (ITU-R BT.601).
+    Colour images are reduced to their luminance (ITU-R BT.601). `pixels`: append every pixel of the image
+    as the model sees it (all channels, in [0, 1]), the input of mode "image+pca" (`pooled_covariates`).
     """
+    stats = _image_statistics(image)
+    if not pixels:
+        return stats
+    return np.concatenate([stats, np.clip((np.asarray(image, dtype=np.float64).ravel() + 1.0) / 2.0, 0.0, 1.0)])
+
+
+def _image_statistics(image: np.ndarray) -> np.ndarray:
     pixels = (np.asarray(image, dtype=np.float64) + 1.0) / 2.0
     if pixels.ndim == 3:
         pixels = pixels[0] if pixels.shape[0] == 1 else np.tensordot([0.299, 0.587, 0.114], pixels[:3], axes=1)
@@ -128,6 +143,43 @@ def difficulty_covariates(image: np.ndarray) -> np.ndarray:
         8.0 * len(zlib.compress(as_bytes.tobytes(), 9)) / as_bytes.size,
         float(np.mean(edges**2)) if edges.size else 0.0,
     ])
+
+
+def pca_component_count(n_images: int) -> int:
+    """k of mode "image+pca": PCA_COMPONENTS, at most one component per ten audited images (at least 1)."""
+    return int(max(1, min(PCA_COMPONENTS, n_images // 10)))
+
+
+def pooled_covariates(covariates: np.ndarray, difficulty: str) -> tuple[np.ndarray, list[str]]:
+    """The covariate matrix the regression of `difficulty` uses, and its column names.
+
+    "image": the covariates as given (normally the DIFFICULTY_COVARIATE_NAMES). "image+pca": the first
+    len(DIFFICULTY_COVARIATE_NAMES) columns and the scores of the top `pca_component_count(n)` principal
+    components of the remaining columns (the pixels appended by `difficulty_covariates(..., pixels=True)`),
+    fitted on all n rows pooled, without labels. The SVD of the centred rows does not depend on their order
+    (up to the sign of a component, which no least-squares residual sees), so the map stays symmetric in the
+    images and the permutation test exact.
+    """
+    covariates = np.asarray(covariates, dtype=np.float64)
+    if covariates.ndim != 2:
+        raise ValueError(f"difficulty covariates need one row per image, got shape {covariates.shape}")
+    q = len(DIFFICULTY_COVARIATE_NAMES)
+    if difficulty == "image":
+        names = list(DIFFICULTY_COVARIATE_NAMES) if covariates.shape[1] == q else \
+            [f"covariate_{i + 1}" for i in range(covariates.shape[1])]
+        return covariates, names
+    if difficulty != "image+pca":
+        raise ValueError(f"no covariates for difficulty mode {difficulty!r}")
+    stats = covariates[:, :q]
+    pixels = covariates[:, q:]
+    if covariates.shape[1] <= q:
+        raise ValueError('difficulty calibration "image+pca" needs the pixels of every image: compute the '
+                         "covariates with difficulty_covariates(image, pixels=True)")
+    k = min(pca_component_count(len(pixels)), pixels.shape[1], max(1, len(pixels) - 1))
+    centred = pixels - pixels.mean(axis=0)
+    u, singular, _ = np.linalg.svd(centred, full_matrices=False)
+    scores = u[:, :k] * singular[:k]
+    return np.hstack([stats, scores]), [*DIFFICULTY_COVARIATE_NAMES, *(f"pca_{i + 1}" for i in range(k))]
 
 
 class DifficultyRegression(BaseEstimator):
@@ -186,6 +238,7 @@ class Calibrated:
     difficulty: str
     difficulty_model: str | None = None
     difficulty_r2: dict[str, float] | None = None
+    covariate_names: list[str] | None = None
 
     def describe(self) -> dict:
         return {
@@ -193,7 +246,8 @@ class Calibrated:
             "reference_formula": self.formula,
             "difficulty_calibration": self.difficulty,
             "difficulty_model": self.difficulty_model,
-            "difficulty_covariates": list(DIFFICULTY_COVARIATE_NAMES) if self.difficulty != "off" else [],
+            "difficulty_covariates": (list(self.covariate_names or DIFFICULTY_COVARIATE_NAMES)
+                                      if self.difficulty != "off" else []),
             "difficulty_r2": self.difficulty_r2,
             "scored_features": list(self.names),
         }
@@ -211,26 +265,32 @@ def calibrate(
     model: str = "ols",
 ) -> Calibrated:
     """Reference calibration (if references are given), then the covariate regression (if `difficulty`
-    is not "off"): the whole label-free map from extracted features to the scorer's input."""
+    is not "off"): the whole label-free map from extracted features to the scorer's input.
+
+    `covariates`: one row per image, `difficulty_covariates(image)` for mode "image",
+    `difficulty_covariates(image, pixels=True)` for "image+pca" (mode "image" regresses on every column given,
+    so give it the five statistics only)."""
     if difficulty not in DIFFICULTY_MODES:
         raise ValueError(f"difficulty must be one of {DIFFICULTY_MODES}, got {difficulty!r}")
     values, scored = represent(target, references, names, representation, formula)
     used_representation = representation if references else "raw"
-    r2 = None
+    r2, covariate_names = None, None
     if difficulty != "off":
         if covariates is None:
             raise ValueError("difficulty calibration needs the covariates of every image")
+        covariates, covariate_names = pooled_covariates(covariates, difficulty)
         regression = DifficultyRegression(model=model).fit(values, covariates)
         values = regression.transform(values, covariates)
         r2 = {residual_name(n): float(v) for n, v in zip(scored, regression.r2_)}
         scored = [residual_name(n) for n in scored]
     return Calibrated(values, scored, used_representation, formula if references else None, difficulty,
-                      model if difficulty != "off" else None, r2)
+                      model if difficulty != "off" else None, r2, covariate_names)
 
 
 __all__ = [
     "DIFFICULTY_COVARIATE_NAMES",
     "DIFFICULTY_MODES",
+    "PCA_COMPONENTS",
     "REFERENCE_FORMULAS",
     "REPRESENTATIONS",
     "Calibrated",
@@ -238,6 +298,8 @@ __all__ = [
     "calibrate",
     "calibrated_name",
     "difficulty_covariates",
+    "pca_component_count",
+    "pooled_covariates",
     "reference_calibrated",
     "represent",
     "residual_name",

@@ -7,8 +7,12 @@ import pytest
 
 from cdi.data import build_image_sets
 from cdi.errors import OptionError
-from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES, extract, extract_features
+from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES, extract
 from cdi.models import load_model
+
+
+def extract_features(adapter, records, names, **options):
+    return extract(adapter, records, names, **options).values
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,6 @@ RTOL, ATOL = 1e-4, 1e-6
 BATCHED = (ModelCalls(True), ModelCalls(True, max_rows=5))  # all in one call; chunks across group bounds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class PlainAdapter(DiffusionAdapter):
     """An adapter `cdi.features.batching` does not know: batched calls fall back to one per distinct timestep
     (DL's draws and PIA/PIAN still go in one call each, GM/ML's timesteps one call each)."""

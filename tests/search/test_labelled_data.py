@@ -161,7 +161,7 @@ def test_search_cli_with_a_reference_model_writes_the_chosen_calibration(tiny_mo
     chosen = config.feature_calibration
     assert chosen["representation"] in ("raw", "calibrated", "both")
     assert chosen["reference_formula"] in ("difference", "log_ratio")
-    assert chosen["difficulty_calibration"] in ("off", "image")
+    assert chosen["difficulty_calibration"] in ("off", "image", "image+pca")
     fingerprint = load_model(reference_model).info.fingerprint
     assert config.calibration["reference_models"] == [{"path": str(Path(reference_model).resolve()),
                                                         "fingerprint": fingerprint}]

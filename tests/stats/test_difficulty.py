@@ -10,9 +10,13 @@ from scipy import stats
 from sklearn.linear_model import LinearRegression
 
 from cdi.stats.difficulty import (
+    DIFFICULTY_COVARIATE_NAMES,
+    DIFFICULTY_MODES,
     DifficultyRegression,
     calibrate,
     difficulty_covariates,
+    pca_component_count,
+    pooled_covariates,
     reference_calibrated,
     represent,
 )
@@ -132,3 +136,92 @@ def test_calibration_raises_power_on_a_difficulty_dominated_signal():
     assert detected["raw"] <= 10
     assert detected["reference"] >= 30
     assert detected["difficulty"] >= detected["raw"] + 8
+
+
+def _pixel_world(rng, n, shift, side=4):
+    """Like `_difficulty_world`, but the difficulty is written in the pixels (a fixed pattern scaled by d):
+    the five statistics see only part of it, the pixels' principal components see it all."""
+    target, reference, covariates, labels = _difficulty_world(rng, n, shift)
+    pattern = rng.normal(size=side * side)
+    d = covariates[:, 0]
+    images = np.tanh(0.5 * (d[:, None] * pattern + 0.5 * rng.normal(size=(2 * n, side * side))))
+    rows = np.stack([difficulty_covariates(image.reshape(1, side, side), pixels=True) for image in images])
+    return target, reference, rows, labels
+
+
+def test_pixels_are_appended_after_the_five_statistics():
+    image = np.linspace(-1, 1, 12).reshape(1, 3, 4)
+    row = difficulty_covariates(image, pixels=True)
+    assert row.shape == (len(DIFFICULTY_COVARIATE_NAMES) + 12,)
+    np.testing.assert_allclose(row[:5], difficulty_covariates(image))
+    np.testing.assert_allclose(row[5:], (image.ravel() + 1) / 2)
+    assert "image+pca" in DIFFICULTY_MODES
+
+
+def test_pca_covariates_match_scikit_learn_up_to_sign():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(5)
+    rows = np.c_[rng.normal(size=(60, 5)), rng.normal(size=(60, 30)) @ rng.normal(size=(30, 30))]
+    found, names = pooled_covariates(rows, "image+pca")
+    k = pca_component_count(60)
+    assert k == 6 and names == [*DIFFICULTY_COVARIATE_NAMES, *(f"pca_{i}" for i in range(1, 7))]
+    expected = PCA(k, svd_solver="full").fit_transform(rows[:, 5:])
+    np.testing.assert_allclose(np.abs(found[:, 5:]), np.abs(expected), atol=1e-8)
+    np.testing.assert_allclose(found[:, :5], rows[:, :5])
+    assert pooled_covariates(rows[:, :5], "image")[1] == list(DIFFICULTY_COVARIATE_NAMES)
+    assert pca_component_count(10_000) == 20 and pca_component_count(5) == 1
+
+
+def test_image_pca_without_pixels_is_refused():
+    rows = np.random.default_rng(6).normal(size=(30, 5))
+    with pytest.raises(ValueError, match="pixels=True"):
+        calibrate(rows[:, :1], [], ["DL"], rows, difficulty="image+pca")
+
+
+@pytest.mark.parametrize("mode", ["image", "image+pca"])
+def test_covariate_calibration_is_label_free(mode):
+    """The calibrated features are a function of the pooled images only: relabelling the sets leaves them
+    unchanged (calibrate never sees labels), and reordering the images reorders them and nothing else (the
+    regression and the PCA are symmetric in the images), so P and U stay exchangeable under H0."""
+    rng = np.random.default_rng(7)
+    target, reference, rows, labels = _pixel_world(rng, 30, shift=0.5)
+    rows = rows if mode == "image+pca" else rows[:, :5]  # mode "image": the five statistics only
+    found = calibrate(target, [], ["DL"], rows, difficulty=mode)
+    relabelled = rng.permutation(labels)
+    assert not np.array_equal(relabelled, labels)
+    again = calibrate(target, [], ["DL"], rows, difficulty=mode)  # the same pooled images, other labels
+    np.testing.assert_array_equal(again.values, found.values)
+    order = rng.permutation(len(labels))
+    moved = calibrate(target[order], [], ["DL"], rows[order], difficulty=mode)
+    np.testing.assert_allclose(moved.values, found.values[order], atol=1e-10)
+    with_reference = calibrate(target[order], [reference[order]], ["DL"], rows[order], difficulty=mode)
+    np.testing.assert_allclose(with_reference.values,
+                               calibrate(target, [reference], ["DL"], rows, difficulty=mode).values[order], atol=1e-10)
+    assert found.describe()["difficulty_covariates"][:5] == list(DIFFICULTY_COVARIATE_NAMES)
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_null_audits_with_pca_covariates_reject_at_most_alpha(with_reference):
+    """Exactness of mode "image+pca": 300 seeded null permutation-test audits (20 vs 20, B = 99) at alpha 0.05
+    reject no more often than the binomial 99.9 % bound of 5 % allows (27 of 300), and not implausibly
+    rarely either (at least the 0.1 % bound, 6 of 300: a test that never rejects is not exact either)."""
+    rng = np.random.default_rng(8)
+    rejections, audits = 0, 300
+    for i in range(audits):
+        target, reference, rows, labels = _pixel_world(rng, 20, shift=0.0)
+        found = calibrate(target, [reference] if with_reference else [], ["DL"], rows, difficulty="image+pca")
+        test = DatasetInferenceTest(test="permutation", n_permutations=99, alpha=0.05, random_state=i)
+        rejections += test.fit(found.values, labels).p_value_ < 0.05
+    assert stats.binom.ppf(0.001, audits, 0.05) <= rejections <= stats.binom.ppf(0.999, audits, 0.05)
+
+
+def test_pca_covariates_raise_power_when_difficulty_is_in_the_pixels():
+    rng = np.random.default_rng(9)
+    detected = {"image": 0, "image+pca": 0}
+    for _ in range(30):
+        target, _, rows, labels = _pixel_world(rng, 60, shift=0.25)
+        for mode in detected:
+            found = calibrate(target, [], ["DL"], rows if mode == "image+pca" else rows[:, :5], difficulty=mode)
+            detected[mode] += DatasetInferenceTest(test="welch", alpha=0.01).fit(found.values, labels).p_value_ < 0.01
+    assert detected["image+pca"] >= detected["image"] + 5
