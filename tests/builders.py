@@ -107,3 +107,13 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     return path
+
+
+def labelled_gaussians(n_suspect: int, n_control: int, d: int = 5, shift: float = 0.0, seed: int = 0):
+    """Features (n, d) of standard normals with labels 1 (suspect) then 0 (control); the suspects' first
+    feature is shifted by `shift` (0: a null audit)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_suspect + n_control, d))
+    y = np.r_[np.ones(n_suspect, dtype=int), np.zeros(n_control, dtype=int)]
+    X[y == 1, 0] += shift
+    return X, y

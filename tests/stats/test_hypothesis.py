@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from builders import labelled_gaussians as _data
 from scipy import stats
 from sklearn.base import clone
 
@@ -26,14 +27,6 @@ def _welch_by_hand(a, b):
     t = (mean_a - mean_b) / math.sqrt(se2_a + se2_b)
     df = (se2_a + se2_b) ** 2 / (se2_a**2 / (n_a - 1) + se2_b**2 / (n_b - 1))
     return t, df, stats.t.sf(t, df)
-
-
-def _data(n_suspect, n_control, d=5, shift=0.0, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n_suspect + n_control, d))
-    y = np.r_[np.ones(n_suspect, dtype=int), np.zeros(n_control, dtype=int)]
-    X[y == 1, 0] += shift
-    return X, y
 
 
 # --- welch_one_sided ---------------------------------------------------------------------------

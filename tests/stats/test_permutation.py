@@ -7,20 +7,17 @@ import math
 import joblib
 import numpy as np
 import pytest
+from builders import labelled_gaussians as _data
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from cdi.stats import DatasetInferenceTest, cross_fitted_permutation_test, permutation_p_value
-
-
-def _data(n_suspect, n_control, d=5, shift=0.0, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n_suspect + n_control, d))
-    y = np.r_[np.ones(n_suspect, dtype=int), np.zeros(n_control, dtype=int)]
-    X[y == 1, 0] += shift
-    return X, y
+from cdi.stats import (
+    DatasetInferenceTest,
+    cross_fitted_permutation_test,
+    permutation_p_value,
+)
 
 
 def _reference_welch_t(X, labels, fold_ids, n_splits=5):
