@@ -24,10 +24,8 @@ precision and batching mode); `--precisions 32` keeps to float32; `--device cuda
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -43,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import extraction as bench  # noqa: E402  (benchmarks/extraction.py: models, naive baseline, pass counter)
 
-import cdi  # noqa: E402
 from cdi import tracking  # noqa: E402
-from cdi.features import FEATURE_NAMES, FeatureConfig, extract  # noqa: E402
+from cdi.features import FEATURE_NAMES, extract  # noqa: E402
 from cdi.models import DiffusionAdapter, load_model  # noqa: E402
 
 EXPERIMENT = bench.EXPERIMENT
@@ -253,27 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "settings": {
             "benchmark": "batching",
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": args.device,
+            **bench.machine_settings(args.device, args),
             "clock": "wall" if args.device == "cuda" else "cpu",
-            "device_name": bench.cpu_name(),
-            "native_bf16": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
             "repeats": args.repeats,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "cdi": cdi.__version__,
-            "feature_config": FeatureConfig().to_dict(),
         },
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="cdi-bench-") as tmp:
         for name in models:
             if name == "demo":
-                args.demo_images = args.demo_images
                 loaded = bench.demo_model(args)
                 if loaded is None:
                     continue

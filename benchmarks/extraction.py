@@ -47,7 +47,7 @@ import cdi
 from cdi import tracking
 from cdi.data import ImageRecord, load_image
 from cdi.features import FAMILIES, FEATURE_NAMES, FeatureConfig, extract
-from cdi.features.extraction import half_precision_weights, resolve_device
+from cdi.features.extraction import cpu_has_native_bf16, half_precision_weights, resolve_device
 from cdi.models import DiffusionAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -339,6 +339,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_settings(device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What every speed benchmark records of the machine, the versions and its common options."""
+    import diffusers
+
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
+        "native_bf16": cpu_has_native_bf16(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cdi": cdi.__version__,
+        "feature_config": FeatureConfig().to_dict(),
+    }
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -393,22 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diffusers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own deprecation, once per trainer
     results: dict[str, Any] = {
-        "settings": {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": device,
-            "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "batch_size": args.batch_size,
-            "precision": args.precision,
-            "timestep_batching": args.timestep_batching,
-            "seed": args.seed,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "lightning": lightning.__version__,
-            "cdi": cdi.__version__,
-            "feature_config": FeatureConfig().to_dict(),
-        },
+        "settings": {**machine_settings(device, args), "precision": args.precision,
+                     "timestep_batching": args.timestep_batching, "lightning": lightning.__version__},
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="cdi-bench-") as tmp:
