@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Iterator
 
 from cdi.errors import Interrupted, OptionError
+from cdi.features.base import ACCESS_LEVELS
 from cdi.options import count, positive_int
 
 DEVICES = ("auto", "cpu", "cuda")
-ACCESS_LEVELS = ("gray", "white")
 
 
 class Parser(argparse.ArgumentParser):
