@@ -53,6 +53,8 @@ CONFIGURATIONS = {
     "reference-both": (True, "off", "both"),
     "difficulty-pca": (False, "image+pca", "raw"),
     "reference+difficulty-pca": (True, "image+pca", "calibrated"),
+    "difficulty-wiener": (False, "image+pca+wiener", "raw"),
+    "reference+difficulty-wiener": (True, "image+pca+wiener", "calibrated"),
 }
 DEFAULT_CONFIGURATIONS = ("plain", "difficulty", "reference", "reference+difficulty", "reference-both")
 
@@ -88,7 +90,8 @@ def build_testbed(folder: Path) -> None:
 
 def extract_all(testbed: Path, names, batch_size: int) -> dict:
     """Features of members and non-members on the target and the base (reference), and image covariates."""
-    from cdi.audit import difficulty_covariates_of
+    from cdi.audit import difficulty_covariates_of, wiener_noise_of
+    from cdi.features import FeatureConfig
     from cdi.data import discover_images, load_image
     from cdi.stats.difficulty import difficulty_covariates
     from cdi.features import extract
@@ -108,6 +111,8 @@ def extract_all(testbed: Path, names, batch_size: int) -> dict:
             "covariates+pixels": np.stack([
                 difficulty_covariates(load_image(r.path, info.image_size, info.image_channels).numpy(), pixels=True)
                 for r in records]),
+            # mode "image+pca+wiener": DL's seeded noise of each image (the extraction's seed, 0)
+            "wiener": wiener_noise_of(records, target, FeatureConfig(), 0),
         }
         print(f"features of {len(records)} {role}: {time.perf_counter() - started:.0f} s", flush=True)
     return out
@@ -118,16 +123,20 @@ def _calibrated(data: dict, suspect_rows: np.ndarray, control_rows: np.ndarray, 
     """The scorer's input of one simulated audit and its labels: rows `suspect_rows` of the `suspect_pool`
     images ("members", or "nonmembers" for a null audit) against rows `control_rows` of the non-members.
     The calibration sees the pooled audited images only, without their labels."""
-    from cdi.stats.difficulty import calibrate
+    from cdi.stats.difficulty import PIXEL_MODES, WienerNoise, calibrate
 
     use_reference, difficulty, representation = configuration
     suspect, control = data[suspect_pool], data["nonmembers"]
-    covariates = "covariates+pixels" if difficulty == "image+pca" else "covariates"
+    covariates = "covariates+pixels" if difficulty in PIXEL_MODES else "covariates"
     pick = {key: np.vstack([suspect[key][suspect_rows], control[key][control_rows]])
             for key in ("target", "reference", covariates)}
+    wiener = None
+    if difficulty == "image+pca+wiener":
+        draws = np.vstack([suspect["wiener"].draws[suspect_rows], control["wiener"].draws[control_rows]])
+        wiener = WienerNoise(draws, suspect["wiener"].alpha_bar)
     found = calibrate(pick["target"], [pick["reference"]] if use_reference else [], names,
                       pick[covariates] if difficulty != "off" else None,
-                      representation=representation, difficulty=difficulty)
+                      representation=representation, difficulty=difficulty, wiener=wiener)
     labels = np.r_[np.ones(len(suspect_rows), dtype=int), np.zeros(len(control_rows), dtype=int)]
     return found.values, labels
 

@@ -26,13 +26,16 @@ from cdi.features.extraction import worker_rank
 from cdi.features.latent_statistics import latent_statistic_names
 from cdi.manifest import build_manifest, image_entries, image_metadata
 from cdi.models import load_model
+from cdi.models.latent import LatentAdapter
 from cdi.options import MAX_SEED
 from cdi.stats import image_statistics
 from cdi.stats.assessment import assess, evidence_fields
 from cdi.stats.difficulty import (
     DIFFICULTY_MODES,
+    PIXEL_MODES,
     REFERENCE_FORMULAS,
     REPRESENTATIONS,
+    WienerNoise,
     calibrate,
     difficulty_covariates,
 )
@@ -125,6 +128,21 @@ def difficulty_covariates_of(records: Sequence[ImageRecord], size: int, channels
 
     return np.stack([difficulty_covariates(load_image(r.path, size, channels).numpy(), pixels=pixels)
                      for r in records])
+
+
+def wiener_noise_of(records: Sequence[ImageRecord], adapter: Any, config: FeatureConfig, seed: int) -> WienerNoise:
+    """DL's seeded noise draws of each record, as the DL family draws them on `adapter` (same seed, timestep
+    and draws), and alpha_bar at that timestep: what mode "image+pca+wiener" needs (`cdi.stats.difficulty`)."""
+    import torch
+
+    from cdi.features.seeded_noise import image_noise
+
+    info = adapter.info
+    like = torch.zeros((len(records), info.image_channels, info.image_size, info.image_size))
+    sha256 = [r.sha256 for r in records]
+    draws = [image_noise(like, sha256, seed, "DL", config.dl_t, draw).flatten(1).numpy()
+             for draw in range(config.dl_draws)]
+    return WienerNoise(np.stack(draws, axis=1), float(adapter.alpha_bar(adapter.timestep(config.dl_t))))
 
 
 #: Default of `--difficulty-calibration` (benchmarks/power.py measured its gain; see benchmarks/README.md).
@@ -477,6 +495,9 @@ def plan_audit(
                                settings["difficulty_calibration"])
     adapter = load_model(model, allow_pickle=allow_pickle, latent_sample_seed=latent_sample_seed, lora=lora)
     info = adapter.info
+    if settings["difficulty_calibration"] == "image+pca+wiener" and isinstance(adapter, LatentAdapter):
+        raise OptionError(f"--difficulty-calibration image+pca+wiener: {model} is a latent model ({info.family}); "
+                          "the Wiener covariate works on pixel models only: choose image+pca")
     references, reference_defaulted = load_references(
         adapter, reference_models, model=model, lora=lora, allow_pickle=allow_pickle,
         latent_sample_seed=latent_sample_seed)
@@ -549,9 +570,11 @@ def assess_step(plan: AuditPlan, extracted: Extracted) -> Assessed:
     calibrated = calibrate(
         extracted.target.values, [e.values for e in extracted.references], s.names,
         difficulty_covariates_of(records, info.image_size, info.image_channels,
-                                 pixels=s.difficulty_calibration == "image+pca")
+                                 pixels=s.difficulty_calibration in PIXEL_MODES)
         if s.difficulty_calibration != "off" else None,
         representation=s.representation, formula=s.reference_formula, difficulty=s.difficulty_calibration,
+        wiener=wiener_noise_of(records, plan.adapter, s.feature_config, s.seed)
+        if s.difficulty_calibration == "image+pca+wiener" else None,
     )
     image_stats = _image_statistics(records, extracted.latent_statistics)
     # progress on stderr, decided as extraction's bar is (stdout may carry the result JSON)

@@ -82,8 +82,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="calibrated feature: target minus mean reference (default) or log ratio")
     audit.add_argument("--difficulty-calibration", choices=DIFFICULTY_MODES, default=None,
                        help="regress the features on label-free image statistics (image), also on the top "
-                            "principal components of the pooled images' pixels (image+pca), and score the "
-                            "residuals; or not (off, the default: see README)")
+                            "principal components of the pooled images' pixels (image+pca), also on the loss of "
+                            "the images' Wiener denoiser under DL's seeded noise (image+pca+wiener, pixel models), "
+                            "and score the residuals; or not (off, the default: see README)")
     audit.add_argument("--duplicates", choices=("refuse", "keep-one"), default="refuse",
                        help="a picture found more than once (same file, or re-encoded, resized, lightly edited): "
                             "refuse the audit (default) or keep one copy per set; a picture in both sets is refused")

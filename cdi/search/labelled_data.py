@@ -32,11 +32,13 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
               device: str, cache_dir: str | Path | None, progress: bool,
               pixels: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """CalibrationData fields (X, names, X_reference, covariates) of `records`, and what describes them;
-    `pixels`: the covariates carry each image's pixels too (difficulty mode "image+pca").
+    `pixels`: the covariates carry each image's pixels too (difficulty modes "image+pca" and, with DL's seeded
+    noise of each image on a pixel model, "image+pca+wiener").
 
     Each model gets the default configuration's features, then each variant's affected features only.
     """
-    from cdi.audit import difficulty_covariates_of, load_references, reference_entries
+    from cdi.audit import difficulty_covariates_of, load_references, reference_entries, wiener_noise_of
+    from cdi.models.latent import LatentAdapter
     from cdi.features import FeatureConfig, extract
     from cdi.search.space import variant_column
     from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES
@@ -57,7 +59,9 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
     columns = [*names, *(variant_column(f, setting, value) for setting, value, features in variants for f in features)]
     covariates = difficulty_covariates_of(records, info.image_size, info.image_channels, pixels=pixels)
     fields = dict(X=matrix(adapter), names=tuple(columns), X_reference=[matrix(r) for r in references],
-                  covariates=covariates)
+                  covariates=covariates,
+                  wiener=wiener_noise_of(records, adapter, FeatureConfig(), seed)
+                  if pixels and not isinstance(adapter, LatentAdapter) else None)
     description: dict[str, Any] = {"model": str(Path(model).resolve()), "model_fingerprint": info.fingerprint}
     if references:
         description["reference_models"] = [{key: entry[key] for key in ("path", "fingerprint")}

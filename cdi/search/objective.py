@@ -21,7 +21,7 @@ import numpy as np
 
 from cdi.errors import OptionError
 from cdi.stats import CrossFittedScorer, welch_one_sided
-from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES, calibrate
+from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES, WienerNoise, calibrate
 
 #: p-values are clipped here before the log so that a perfect separation stays finite.
 P_FLOOR = 1e-300
@@ -33,7 +33,8 @@ class CalibrationData:
 
     `X_reference`: the same features of the same images on each reference model (same seed and feature
     configuration, so the same noise draws), one (n, d) matrix per model over `names`; `covariates`:
-    the label-free difficulty covariates (n, q) of each image (`cdi.stats.difficulty`), or None.
+    the label-free difficulty covariates (n, q) of each image (`cdi.stats.difficulty`), or None; `wiener`:
+    DL's seeded noise of each image for difficulty mode "image+pca+wiener" (pixel models), or None.
     """
 
     X: np.ndarray
@@ -44,6 +45,7 @@ class CalibrationData:
     description: dict[str, Any] = field(default_factory=dict)
     X_reference: list[np.ndarray] = field(default_factory=list)
     covariates: np.ndarray | None = None
+    wiener: WienerNoise | None = None
 
     def _index(self, features: Sequence[str]) -> list[int]:
         index = {name: j for j, name in enumerate(self.names)}
@@ -103,13 +105,13 @@ def detection_score(X: np.ndarray, draws: Sequence[np.ndarray], *, C: float, pen
                     folds: int, alpha: float = 0.01, seed: int = 0, references: Sequence[np.ndarray] = (),
                     covariates: np.ndarray | None = None, representation: str = "raw",
                     reference_formula: str = "difference", difficulty_calibration: str = "off",
-                    on_resample: Callable[[int, float], None] | None = None) -> Score:
+                    wiener: WienerNoise | None = None, on_resample: Callable[[int, float], None] | None = None) -> Score:
     """Welch p of the cross-fitted pipeline on every resample, summarised.
 
     Each draw is n suspect-side rows followed by n control-side rows (`resamples`); the test compares
     the two sides, whatever the membership of the individual images. With a calibration other than
     raw/off, each draw's rows of X, of the `references` and of the `covariates` are calibrated together
-    (`cdi.stats.difficulty.calibrate`) before scoring, and only those rows. `on_resample(r, strength)`
+    (`cdi.stats.difficulty.calibrate`) before scoring, and only those rows (and those rows of `wiener`'s noise). `on_resample(r, strength)`
     is called after resample r with the mean -log10 p of resamples 0..r (a pruner's intermediate value);
     an exception it raises (optuna.TrialPruned) stops the scoring there.
     """
@@ -124,7 +126,9 @@ def detection_score(X: np.ndarray, draws: Sequence[np.ndarray], *, C: float, pen
         if calibrated:
             Xr = calibrate(Xr, [R[rows] for R in references], placeholder_names,
                            None if covariates is None else covariates[rows], representation=representation,
-                           formula=reference_formula, difficulty=difficulty_calibration).values
+                           formula=reference_formula, difficulty=difficulty_calibration,
+                           wiener=None if wiener is None or difficulty_calibration != "image+pca+wiener"
+                           else WienerNoise(wiener.draws[rows], wiener.alpha_bar)).values
         scores = CrossFittedScorer(n_splits=folds, C=C, penalty=penalty, random_state=seed + r).fit(Xr, side).oof_scores_
         p_values.append(welch_one_sided(scores[side == 1], scores[side == 0]).p_value)
         if on_resample is not None:

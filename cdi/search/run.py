@@ -12,6 +12,7 @@ from cdi import tracking
 from cdi.search import labelled_data
 from cdi.search.config import SearchConfig
 from cdi.search.objective import CalibrationData
+from cdi.stats.difficulty import PIXEL_MODES
 from cdi.search.space import SearchSpace, builtin_space
 from cdi.search.study import (
     Objective, SearchSettings, best_config, create_study, make_pruner, new_session, optimize, trials_of,
@@ -57,7 +58,8 @@ def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Pa
     from cdi.errors import OptionError
 
     names = space.all_features
-    pixels = "image+pca" in space.calibration.get("difficulty_calibration", ())  # its PCA needs the pixels
+    # a PCA needs the pixels (and the Wiener covariate DL's noise)
+    pixels = any(mode in PIXEL_MODES for mode in space.calibration.get("difficulty_calibration", ()))
     if suspect is not None or control is not None:
         if suspect is None or control is None or members is not None:
             raise OptionError("calibration split: give both --suspect and --control, and no --members")

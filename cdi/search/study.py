@@ -60,6 +60,10 @@ class Objective:
         if space.uses_covariates() and (data.covariates is None or len(data.covariates) != len(data.y)):
             raise OptionError(f"search space {space.name!r}: calibration.difficulty_calibration offers image, but "
                               "the calibration data have no difficulty covariates of their images")
+        if "image+pca+wiener" in space.calibration.get("difficulty_calibration", ()) and data.wiener is None:
+            raise OptionError(f"search space {space.name!r}: calibration.difficulty_calibration offers "
+                              "image+pca+wiener, which needs a pixel model (and DL's noise of each calibration "
+                              "image): drop it from the space for a latent model")
         self.data, self.space = data, space
         self.n, self.n_resamples, self.alpha, self.seed = n, n_resamples, alpha, seed
         self.multi_objective, self.session = multi_objective, session
@@ -85,6 +89,7 @@ class Objective:
         score = detection_score(self.data.columns(columns), self.draws, C=params["C"], penalty=params["penalty"],
                                 folds=params["folds"], alpha=self.alpha, seed=self.seed,
                                 references=self.data.reference_columns(columns), covariates=self.data.covariates,
+                                wiener=self.data.wiener,
                                 on_resample=None if self.multi_objective else _reporter(trial), **calibration)
         trial.set_user_attr("power", score.power)
         trial.set_user_attr("median_p", score.median_p)

@@ -28,6 +28,20 @@ membership is a small shift on top. Two ways to remove the difficulty part befor
    on the pooled audited images themselves (no labels; `difficulty_covariates(image, pixels=True)` appends
    the pixels to each row, `pooled_covariates` turns them into component scores).
 
+   Mode "image+pca+wiener" (pixel models): those covariates and one more, the denoising loss of the
+   *Wiener denoiser* of the audited images, queried with DL's own seeded noise (common random numbers, as
+   with a reference model, but the "reference" needs no weights). With mu and S the mean and covariance of
+   the pooled audited images z0 (flattened, D values each), S_d = S + delta I, delta = WIENER_SHRINKAGE
+   tr(S) / D, and x_t = a z0 + s eps (a^2 = alpha_bar at DL's timestep, s^2 = 1 - a^2), the linear
+   minimum-mean-square-error estimate of z0 is
+
+       z0_hat = mu + a S_d (a^2 S_d + s^2 I)^-1 (x_t - a mu),   eps_hat = (x_t - a z0_hat) / s,     (4)
+
+   and the covariate is w(x) = (1/R) sum_r ||eps_hat_r - eps_r||_2 over DL's R draws. It shares the
+   draws' noise with DL, so it removes the noise's share of DL as well as the image's difficulty, which
+   the image statistics cannot (`wiener_denoiser_loss`; S_d is applied through the SVD of the centred
+   images, so D may exceed the number of images).
+
 Why the permutation test stays exact: (1)-(2) are computed per image, and (3) is fitted on the pooled
 images without their labels, so both are symmetric functions of the pooled data. Under H0 P and U
 are exchangeable, the calibrated features of an image do not depend on which set it is in, and the
@@ -46,7 +60,9 @@ from sklearn.base import BaseEstimator
 
 REPRESENTATIONS = ("raw", "calibrated", "both")
 REFERENCE_FORMULAS = ("difference", "log_ratio")
-DIFFICULTY_MODES = ("off", "image", "image+pca")
+DIFFICULTY_MODES = ("off", "image", "image+pca", "image+pca+wiener")
+#: Modes whose covariates include the pixels of every image (`difficulty_covariates(..., pixels=True)`).
+PIXEL_MODES = ("image+pca", "image+pca+wiener")
 DIFFICULTY_MODELS = ("ols", "ridge")
 
 #: Label-free difficulty covariates, computed on the image as the model sees it (its resolution).
@@ -60,6 +76,20 @@ DIFFICULTY_COVARIATE_NAMES = (
 _INK_THRESHOLD = 0.25
 #: Principal components of the pooled images' pixels used by mode "image+pca" (at most n // 10 of them).
 PCA_COMPONENTS = 20
+#: delta / (tr(S) / D) of formula (4): the isotropic share added to the images' covariance (measured best of
+#: 1e-4 .. 1 on the weak testbed, benchmarks/README.md "Statistical power"; 0.1-0.3 were within noise).
+WIENER_SHRINKAGE = 0.3
+#: Column name of formula (4)'s covariate.
+WIENER_COVARIATE = "wiener_DL"
+
+
+@dataclass(frozen=True)
+class WienerNoise:
+    """What formula (4) needs besides the images: DL's seeded noise draws of every image, (n, R, D) in the
+    order of the covariate rows, and alpha_bar at DL's timestep on the audited model's schedule."""
+
+    draws: np.ndarray
+    alpha_bar: float
 
 
 def calibrated_name(name: str, formula: str) -> str:
@@ -150,7 +180,38 @@ def pca_component_count(n_images: int) -> int:
     return int(max(1, min(PCA_COMPONENTS, n_images // 10)))
 
 
-def pooled_covariates(covariates: np.ndarray, difficulty: str) -> tuple[np.ndarray, list[str]]:
+def wiener_denoiser_loss(images: np.ndarray, noise: WienerNoise, shrinkage: float = WIENER_SHRINKAGE) -> np.ndarray:
+    """Formula (4): w(x) of each image, `images` (n, D) in [-1, 1] as the model sees them, mu and S fitted on
+    all n rows pooled (no labels; symmetric in the rows, so the permutation test stays exact)."""
+    z0 = np.asarray(images, dtype=np.float64)
+    draws = np.asarray(noise.draws, dtype=np.float64)
+    n, d = z0.shape
+    if draws.ndim != 3 or draws.shape[0] != n or draws.shape[2] != d:
+        raise ValueError(f"Wiener noise of shape {draws.shape} does not match {n} images of {d} values")
+    a = float(np.sqrt(noise.alpha_bar))
+    s2 = 1.0 - a * a
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"alpha_bar must lie in (0, 1), got {noise.alpha_bar}")
+    mu = z0.mean(axis=0)
+    centred = z0 - mu
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)  # S = V diag(singular^2 / (n - 1)) V^T
+    eigen = singular**2 / max(n - 1, 1)
+    delta = shrinkage * eigen.sum() / d
+    gain = a * (eigen + delta) / (a * a * (eigen + delta) + s2)  # along each principal direction
+    gain_rest = a * delta / (a * a * delta + s2)  # on the complement, where S_d = delta I
+    total = np.zeros(n)
+    for r in range(draws.shape[1]):
+        eps = draws[:, r, :]
+        offset = a * centred + np.sqrt(s2) * eps  # x_t - a mu
+        coords = offset @ vt.T
+        z0_hat = mu + gain_rest * offset + (coords * (gain - gain_rest)) @ vt
+        eps_hat = (a * z0 + np.sqrt(s2) * eps - a * z0_hat) / np.sqrt(s2)
+        total += np.linalg.norm(eps_hat - eps, axis=1)
+    return total / draws.shape[1]
+
+
+def pooled_covariates(covariates: np.ndarray, difficulty: str,
+                      wiener: WienerNoise | None = None) -> tuple[np.ndarray, list[str]]:
     """The covariate matrix the regression of `difficulty` uses, and its column names.
 
     "image": the covariates as given (normally the DIFFICULTY_COVARIATE_NAMES). "image+pca": the first
@@ -158,7 +219,8 @@ def pooled_covariates(covariates: np.ndarray, difficulty: str) -> tuple[np.ndarr
     components of the remaining columns (the pixels appended by `difficulty_covariates(..., pixels=True)`),
     fitted on all n rows pooled, without labels. The SVD of the centred rows does not depend on their order
     (up to the sign of a component, which no least-squares residual sees), so the map stays symmetric in the
-    images and the permutation test exact.
+    images and the permutation test exact. "image+pca+wiener": those and formula (4)'s `wiener_DL`, which
+    needs `wiener` (DL's noise of each row).
     """
     covariates = np.asarray(covariates, dtype=np.float64)
     if covariates.ndim != 2:
@@ -168,18 +230,24 @@ def pooled_covariates(covariates: np.ndarray, difficulty: str) -> tuple[np.ndarr
         names = list(DIFFICULTY_COVARIATE_NAMES) if covariates.shape[1] == q else \
             [f"covariate_{i + 1}" for i in range(covariates.shape[1])]
         return covariates, names
-    if difficulty != "image+pca":
+    if difficulty not in PIXEL_MODES:
         raise ValueError(f"no covariates for difficulty mode {difficulty!r}")
     stats = covariates[:, :q]
     pixels = covariates[:, q:]
     if covariates.shape[1] <= q:
-        raise ValueError('difficulty calibration "image+pca" needs the pixels of every image: compute the '
+        raise ValueError(f'difficulty calibration "{difficulty}" needs the pixels of every image: compute the '
                          "covariates with difficulty_covariates(image, pixels=True)")
     k = min(pca_component_count(len(pixels)), pixels.shape[1], max(1, len(pixels) - 1))
     centred = pixels - pixels.mean(axis=0)
     u, singular, _ = np.linalg.svd(centred, full_matrices=False)
     scores = u[:, :k] * singular[:k]
-    return np.hstack([stats, scores]), [*DIFFICULTY_COVARIATE_NAMES, *(f"pca_{i + 1}" for i in range(k))]
+    names = [*DIFFICULTY_COVARIATE_NAMES, *(f"pca_{i + 1}" for i in range(k))]
+    if difficulty == "image+pca":
+        return np.hstack([stats, scores]), names
+    if wiener is None:
+        raise ValueError('difficulty calibration "image+pca+wiener" needs DL\'s noise of every image (WienerNoise)')
+    loss = wiener_denoiser_loss(2.0 * pixels - 1.0, wiener)
+    return np.hstack([stats, scores, loss[:, None]]), [*names, WIENER_COVARIATE]
 
 
 class DifficultyRegression(BaseEstimator):
@@ -263,13 +331,15 @@ def calibrate(
     formula: str = "difference",
     difficulty: str = "off",
     model: str = "ols",
+    wiener: WienerNoise | None = None,
 ) -> Calibrated:
     """Reference calibration (if references are given), then the covariate regression (if `difficulty`
     is not "off"): the whole label-free map from extracted features to the scorer's input.
 
     `covariates`: one row per image, `difficulty_covariates(image)` for mode "image",
     `difficulty_covariates(image, pixels=True)` for "image+pca" (mode "image" regresses on every column given,
-    so give it the five statistics only)."""
+    so give it the five statistics only), and the same for "image+pca+wiener" with `wiener`, DL's noise of
+    every row."""
     if difficulty not in DIFFICULTY_MODES:
         raise ValueError(f"difficulty must be one of {DIFFICULTY_MODES}, got {difficulty!r}")
     values, scored = represent(target, references, names, representation, formula)
@@ -278,7 +348,7 @@ def calibrate(
     if difficulty != "off":
         if covariates is None:
             raise ValueError("difficulty calibration needs the covariates of every image")
-        covariates, covariate_names = pooled_covariates(covariates, difficulty)
+        covariates, covariate_names = pooled_covariates(covariates, difficulty, wiener)
         regression = DifficultyRegression(model=model).fit(values, covariates)
         values = regression.transform(values, covariates)
         r2 = {residual_name(n): float(v) for n, v in zip(scored, regression.r2_)}
@@ -291,10 +361,14 @@ __all__ = [
     "DIFFICULTY_COVARIATE_NAMES",
     "DIFFICULTY_MODES",
     "PCA_COMPONENTS",
+    "PIXEL_MODES",
     "REFERENCE_FORMULAS",
     "REPRESENTATIONS",
+    "WIENER_COVARIATE",
+    "WIENER_SHRINKAGE",
     "Calibrated",
     "DifficultyRegression",
+    "WienerNoise",
     "calibrate",
     "calibrated_name",
     "difficulty_covariates",
@@ -303,4 +377,5 @@ __all__ = [
     "reference_calibrated",
     "represent",
     "residual_name",
+    "wiener_denoiser_loss",
 ]

@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 import cdi.search.objective as objective_module
+from cdi.stats.difficulty import DIFFICULTY_MODES
 from cdi.cli import main
 from cdi.data import discover_images
 from cdi.errors import OptionError
@@ -161,7 +162,7 @@ def test_search_cli_with_a_reference_model_writes_the_chosen_calibration(tiny_mo
     chosen = config.feature_calibration
     assert chosen["representation"] in ("raw", "calibrated", "both")
     assert chosen["reference_formula"] in ("difference", "log_ratio")
-    assert chosen["difficulty_calibration"] in ("off", "image", "image+pca")
+    assert chosen["difficulty_calibration"] in DIFFICULTY_MODES
     fingerprint = load_model(reference_model).info.fingerprint
     assert config.calibration["reference_models"] == [{"path": str(Path(reference_model).resolve()),
                                                         "fingerprint": fingerprint}]

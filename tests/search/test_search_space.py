@@ -78,7 +78,7 @@ def test_the_calibrated_space_searches_the_calibration_of_gray_box_features():
     assert space.all_features == GRAY_BOX_FEATURES and space.access == "gray"
     assert space.calibration == {"representation": ("raw", "calibrated", "both"),
                                  "reference_formula": ("difference", "log_ratio"),
-                                 "difficulty_calibration": ("off", "image", "image+pca")}
+                                 "difficulty_calibration": ("off", "image", "image+pca", "image+pca+wiener")}
     assert space.uses_references() and space.uses_covariates()
     assert not SearchSpace.from_yaml(SPACES / "gray.yaml").calibration  # the other spaces score raw features
 
