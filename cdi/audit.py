@@ -31,7 +31,7 @@ from cdi.options import MAX_SEED
 from cdi.stats import image_statistics
 from cdi.stats.assessment import assess, evidence_fields
 from cdi.stats.difficulty import (
-    DIFFICULTY_MODES,
+    DIFFICULTY_CHOICES,
     PIXEL_MODES,
     REFERENCE_FORMULAS,
     REPRESENTATIONS,
@@ -145,8 +145,25 @@ def wiener_noise_of(records: Sequence[ImageRecord], adapter: Any, config: Featur
     return WienerNoise(np.stack(draws, axis=1), float(adapter.alpha_bar(adapter.timestep(config.dl_t))))
 
 
-#: Default of `--difficulty-calibration` (benchmarks/power.py measured its gain; see benchmarks/README.md).
-DEFAULT_DIFFICULTY = "off"
+#: Default of `--difficulty-calibration`: "auto" resolves per model (`resolve_difficulty`; benchmarks/power.py
+#: measured the gain of each mode, see benchmarks/README.md "Statistical power").
+DEFAULT_DIFFICULTY = "auto"
+#: Mode "auto" picks image+pca+wiener only while its covariates (pixels and DL's noise draws of every image,
+#: float64) fit in this many bytes; beyond, the five image statistics ("image").
+AUTO_DIFFICULTY_BYTES = 2 * 1024**3
+
+
+def resolve_difficulty(requested: str, adapter: Any, n_images: int, config: FeatureConfig) -> str:
+    """The difficulty mode an audit uses. "auto": image+pca+wiener on a pixel model (the mode measured best
+    without a reference), "image" when its covariates would exceed AUTO_DIFFICULTY_BYTES, and "off" on a
+    latent model (the Wiener covariate needs the model's own input space; nothing measured there yet)."""
+    if requested != "auto":
+        return requested
+    if isinstance(adapter, LatentAdapter):
+        return "off"
+    info = adapter.info
+    values = n_images * info.image_channels * info.image_size**2 * (config.dl_draws + 1)
+    return "image+pca+wiener" if 8 * values <= AUTO_DIFFICULTY_BYTES else "image"
 
 
 def _check_calibration_options(representation: str, reference_formula: str, difficulty: str) -> None:
@@ -154,8 +171,8 @@ def _check_calibration_options(representation: str, reference_formula: str, diff
         raise OptionError(f"--representation {representation!r}: choose one of {', '.join(REPRESENTATIONS)}")
     if reference_formula not in REFERENCE_FORMULAS:
         raise OptionError(f"--reference-formula {reference_formula!r}: choose one of {', '.join(REFERENCE_FORMULAS)}")
-    if difficulty not in DIFFICULTY_MODES:
-        raise OptionError(f"--difficulty-calibration {difficulty!r}: choose one of {', '.join(DIFFICULTY_MODES)}")
+    if difficulty not in DIFFICULTY_CHOICES:
+        raise OptionError(f"--difficulty-calibration {difficulty!r}: choose one of {', '.join(DIFFICULTY_CHOICES)}")
 
 
 def reference_entries(references: Sequence[Any], defaulted: bool = False) -> list[dict[str, Any]]:
@@ -519,6 +536,9 @@ def plan_audit(
         suspect_records, control_records, excluded = exclude_calibration_images(
             suspect_records, control_records, search_config, MIN_SET_SIZE)
     _check_folds(settings["folds"], len(suspect_records), len(control_records))
+    settings["difficulty_calibration"] = resolve_difficulty(
+        settings["difficulty_calibration"], adapter, len(suspect_records) + len(control_records),
+        settings["feature_config"])
     lora_record = {"path": info.lora, "sha256": info.files.get(f"lora/{Path(lora).name}")} if lora else None
     return AuditPlan(
         model=Path(model), suspect=Path(suspect), control=Path(control), adapter=adapter, references=references,
@@ -757,7 +777,8 @@ def audit(
     seeded noise; `representation` says what the scorer gets (raw, calibrated or both, formula
     `reference_formula`), see `cdi.stats.difficulty`. `lora`: a LoRA file applied to `model` (the audited
     model is base + LoRA; the base is the reference when none is given). `difficulty_calibration`
-    ("image" or "off"; default DEFAULT_DIFFICULTY): regress the features on label-free image covariates.
+    (a mode of `cdi.stats.difficulty.DIFFICULTY_MODES` or "auto", the default, see `resolve_difficulty`): regress
+    the features on label-free image covariates (off: don't).
     `duplicates`: "refuse" (default) any picture found more than once (exact or near copies, `cdi.data.duplicates`),
     or "keep-one": keep the first copy of each picture within a set (a picture in both sets is always refused).
 

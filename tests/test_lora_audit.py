@@ -84,7 +84,9 @@ def test_lora_audit_uses_the_base_as_reference_and_verifies(family, tmp_path, tr
     assert [r["fingerprint"] for r in result["reference_models"]] == [base.fingerprint]
     assert result["reference_models"][0]["base_of_lora"] is True
     assert result["lora"]["path"] == str(lora.resolve())
-    assert result["calibration"]["scored_features"][0] == "DL-ref"
+    # the default difficulty calibration ("auto"): image+pca+wiener on a pixel model, off on a latent one
+    assert result["calibration"]["difficulty_calibration"] == ("image+pca+wiener" if family == "pixel" else "off")
+    assert result["calibration"]["scored_features"][0] == ("DL-ref.resid" if family == "pixel" else "DL-ref")
     verify = ["verify", result["run_id"], "--model", str(pipe), "--suspect", str(p), "--control", str(u)]
     assert main([*verify, "--lora", str(lora)]) == 0
     assert main(verify) == 1  # without the LoRA the audited model's files are not all there

@@ -34,7 +34,8 @@ def twin_of_tiny_model(tiny_model, tmp_path_factory):
 def test_same_seeded_noise_on_target_and_reference(tiny_model, twin_of_tiny_model, image_sets, tracking_uri, tmp_path):
     """Common random numbers: a reference with the target's weights calibrates every feature to exactly zero,
     which holds only if every noise draw of every feature was the same on both models."""
-    result = audit(tiny_model, *image_sets, reference_models=[twin_of_tiny_model], cache_dir=tmp_path, **FAST)
+    result = audit(tiny_model, *image_sets, reference_models=[twin_of_tiny_model], cache_dir=tmp_path,
+                   difficulty_calibration="off", **FAST)
     table = _table(result)
     names = result.features
     calibrated = table[[f"{n}-ref" for n in names]].to_numpy()
@@ -44,7 +45,7 @@ def test_same_seeded_noise_on_target_and_reference(tiny_model, twin_of_tiny_mode
 
 def test_calibrated_features_are_target_minus_reference(tiny_model, reference_model, image_sets, tracking_uri, tmp_path):
     result = audit(tiny_model, *image_sets, reference_models=[reference_model], representation="both",
-                   cache_dir=tmp_path, **FAST)
+                   cache_dir=tmp_path, difficulty_calibration="off", **FAST)
     table = _table(result)
     for name in result.features:
         np.testing.assert_allclose(table[f"{name}-ref"], table[name] - table[f"ref1:{name}"], rtol=1e-6, atol=1e-6)

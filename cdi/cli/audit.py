@@ -9,7 +9,7 @@ from pathlib import Path
 from cdi.cli.common import (add_access_option, add_compute_options, add_format_option, add_progress_option,
                             add_reference_option, add_tracking_options, check_output_path, set_threads, write_output)
 from cdi.options import comma_list, count, positive_int
-from cdi.stats.difficulty import DIFFICULTY_MODES
+from cdi.stats.difficulty import DIFFICULTY_CHOICES
 from cdi.tracking import audit as audit_layout
 
 
@@ -80,11 +80,12 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="with reference models: score the calibrated features (default), the raw ones, or both")
     audit.add_argument("--reference-formula", choices=("difference", "log_ratio"), default="difference",
                        help="calibrated feature: target minus mean reference (default) or log ratio")
-    audit.add_argument("--difficulty-calibration", choices=DIFFICULTY_MODES, default=None,
+    audit.add_argument("--difficulty-calibration", choices=DIFFICULTY_CHOICES, default=None,
                        help="regress the features on label-free image statistics (image), also on the top "
                             "principal components of the pooled images' pixels (image+pca), also on the loss of "
                             "the images' Wiener denoiser under DL's seeded noise (image+pca+wiener, pixel models), "
-                            "and score the residuals; or not (off, the default: see README)")
+                            "and score the residuals; or not (off); default auto: image+pca+wiener on pixel "
+                            "models, off on latent ones (see README)")
     audit.add_argument("--duplicates", choices=("refuse", "keep-one"), default="refuse",
                        help="a picture found more than once (same file, or re-encoded, resized, lightly edited): "
                             "refuse the audit (default) or keep one copy per set; a picture in both sets is refused")

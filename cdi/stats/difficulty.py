@@ -61,6 +61,8 @@ from sklearn.base import BaseEstimator
 REPRESENTATIONS = ("raw", "calibrated", "both")
 REFERENCE_FORMULAS = ("difference", "log_ratio")
 DIFFICULTY_MODES = ("off", "image", "image+pca", "image+pca+wiener")
+#: What `--difficulty-calibration` accepts: a mode, or "auto" (the audit picks one per model, `cdi.audit`).
+DIFFICULTY_CHOICES = (*DIFFICULTY_MODES, "auto")
 #: Modes whose covariates include the pixels of every image (`difficulty_covariates(..., pixels=True)`).
 PIXEL_MODES = ("image+pca", "image+pca+wiener")
 DIFFICULTY_MODELS = ("ols", "ridge")
@@ -358,6 +360,7 @@ def calibrate(
 
 
 __all__ = [
+    "DIFFICULTY_CHOICES",
     "DIFFICULTY_COVARIATE_NAMES",
     "DIFFICULTY_MODES",
     "PCA_COMPONENTS",
