@@ -372,11 +372,19 @@ def test_an_s3_bucket_on_a_closed_port_fails_the_run_in_seconds(tracking_uri, de
     assert "at s3://cdi-bucket/audits/" in message and "MLFLOW_S3_ENDPOINT_URL" in message
 
 
-def test_a_server_that_cannot_write_its_artifacts_destination_fails_the_run_in_seconds(tmp_path,
+def test_a_server_that_cannot_write_its_artifacts_destination_fails_the_run_in_seconds(mlflow_server,
                                                                                       default_network_settings):
-    (tmp_path / "artifacts").write_text("a file where the server's artifact folder should be\n")
-    with _mlflow_server(tmp_path, tmp_path / "artifacts") as url:
-        message = _audit_fails_on_the_artifact_store(url, "cdi-audits")
+    """The module's server, whose destination folder for this experiment's runs is a file: every artifact
+    upload to it fails in the server, as on a server whose --artifacts-destination it cannot write."""
+    import mlflow
+
+    url, root = mlflow_server
+    experiment = _new_experiment(url)
+    location = mlflow.MlflowClient(url).get_experiment_by_name(experiment)
+    assert location.artifact_location == f"mlflow-artifacts:/{location.experiment_id}"  # proxied to root/artifacts
+    (root / "artifacts").mkdir(exist_ok=True)
+    (root / "artifacts" / location.experiment_id).write_text("a file where the server's artifact folder should be\n")
+    message = _audit_fails_on_the_artifact_store(url, experiment)
     assert "at mlflow-artifacts:/" in message and "ask its admin to check its --artifacts-destination" in message
 
 

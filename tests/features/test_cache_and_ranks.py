@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cdi.data import build_image_sets
 from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES, extract
@@ -24,6 +23,14 @@ def setup(tiny_model, image_sets):
     adapter = load_model(tiny_model)
     suspect, control = build_image_sets(*image_sets, adapter.info.image_size, adapter.info.image_channels)
     return adapter, [*suspect, *control]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """All 26 features of the 24 images in one process, uncached, one thread, batches of 5: what the
+    killed-and-resumed extraction and the two-process extraction must reproduce bit for bit."""
+    adapter, records = setup
+    return extract(adapter, records, FEATURE_NAMES, batch_size=5, progress=False, use_cache=False, threads=1).values
 
 
 def test_warm_cache_skips_every_model_pass_and_serves_subsets(setup, tmp_path):
@@ -62,17 +69,17 @@ WORKER = textwrap.dedent(
         return original(*args)
     adapter.eps_hat = slow
     s, c = build_image_sets(suspect, control, 8, 3)
-    extract(adapter, s + c, FEATURE_NAMES, batch_size=4, progress=False, cache_dir=cache)
+    extract(adapter, s + c, FEATURE_NAMES, batch_size=5, progress=False, cache_dir=cache)
     """
 )
 
 
 def test_sigkill_during_extraction_loses_no_finished_batch_and_resumes_identically(
-    setup, tiny_model, image_sets, tmp_path
+    setup, one_process, tiny_model, image_sets, tmp_path
 ):
     adapter, records = setup
     cache = tmp_path / "cache"
-    threads = str(torch.get_num_threads())  # same kernels as this process, so the same bits
+    threads = "1"  # same kernels as `one_process` and the resumed extraction here, so the same bits
     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(tiny_model), *map(str, image_sets), str(cache), threads])
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cache.rglob("shard-*.npz"))) < 2:
@@ -81,19 +88,17 @@ def test_sigkill_during_extraction_loses_no_finished_batch_and_resumes_identical
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = len(list(cache.rglob("shard-*.npz")))
-    assert 2 <= finished < 6, "the kill must land mid-extraction"
+    assert 2 <= finished < 5, "the kill must land mid-extraction"  # 5 batches: four of 5 images, one of 4
 
-    resumed = extract(adapter, records, FEATURE_NAMES, batch_size=4, progress=False, cache_dir=cache)
-    assert resumed.cache_hits == 4 * finished and resumed.cache_misses == 24 - 4 * finished
-    fresh = extract(adapter, records, FEATURE_NAMES, batch_size=4, progress=False, use_cache=False)
-    np.testing.assert_array_equal(resumed.values, fresh.values)
+    resumed = extract(adapter, records, FEATURE_NAMES, batch_size=5, progress=False, cache_dir=cache, threads=1)
+    assert resumed.cache_hits == 5 * finished and resumed.cache_misses == 24 - 5 * finished
+    np.testing.assert_array_equal(resumed.values, one_process)  # as a fresh uncached extraction
 
 
-def test_two_processes_give_the_same_bits_as_one(setup, tmp_path):
+def test_two_processes_give_the_same_bits_as_one(setup, one_process, tmp_path):
     adapter, records = setup
-    # Same thread count in every process: CPU kernels, and so the last bits, depend on it.
-    one = extract(adapter, records, FEATURE_NAMES, batch_size=5, progress=False, use_cache=False, threads=1)
+    # Same thread count in every process (`one_process` too): CPU kernels, and so the last bits, depend on it.
     two = extract(adapter, records, FEATURE_NAMES, batch_size=5, progress=False, cache_dir=tmp_path,
                   devices=2, strategy="ddp_spawn", device="cpu", threads=1)
-    np.testing.assert_array_equal(two.values, one.values)
+    np.testing.assert_array_equal(two.values, one_process)
     assert len(list(Path(tmp_path).rglob("shard-*.npz"))) == 5  # 24 images in batches of 5, over both ranks

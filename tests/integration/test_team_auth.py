@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 
 import pytest
 import requests
@@ -57,23 +55,12 @@ def test_basic_auth_server_refuses_audits_without_a_valid_login_and_takes_a_memb
     assert created.status_code == 200, created.text
     cache = tmp_path / "cache"
 
-    # No credentials, in a fresh process: one line naming the problem and the fix, exit code 2.
-    anonymous = subprocess.run([sys.executable, "-m", "cdi.cli", *_audit_args(tiny_model, image_sets, server.url,
-                                                                              cache), "--threads", "1"],
-                               capture_output=True, text=True, timeout=120, env=client_env(HOME=str(tmp_path)))
-    assert anonymous.returncode == 2, anonymous.stderr[-3000:]
-    err = anonymous.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith(f"cdi: error: --tracking-uri {server.url}: the tracking server requires a login (HTTP 401)")
-    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in err
-    assert not cache.exists() or not any(path.is_file() for path in cache.rglob("*"))  # no model pass ran
-
-    # Wrong password: refused before any model pass.
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN"):
+    # No credentials (the environment of client_env, no ~/.mlflow/credentials): one line naming the problem
+    # and the fix, exit code 2, before any model pass.
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                 "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password + "x")
     real_extract = cdi.audit.extract
 
     def no_model_pass(*args, **kwargs):
@@ -81,6 +68,16 @@ def test_basic_auth_server_refuses_audits_without_a_valid_login_and_takes_a_memb
 
     monkeypatch.setattr(cdi.audit, "extract", no_model_pass)
     capsys.readouterr()
+    assert main([*_audit_args(tiny_model, image_sets, server.url, cache), "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"cdi: error: --tracking-uri {server.url}: the tracking server requires a login (HTTP 401)")
+    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in err
+    assert not cache.exists() or not any(path.is_file() for path in cache.rglob("*"))  # no model pass ran
+
+    # Wrong password: refused before any model pass.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password + "x")
     assert main(_audit_args(tiny_model, image_sets, server.url, cache)) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"cdi: error: --tracking-uri {server.url}: the tracking server refused the login of user 'alice' "

@@ -49,6 +49,10 @@ def test_server_killed_mid_audit_then_restarted_and_resume_finishes_the_same_run
 
     monkeypatch.setattr(cdi.audit, "extract", counting_extract)
     server.start()  # same port, database and bucket prefix
+    # The resume runs with cdi's own network settings (30 s, 3 retries), as a user's would: the 5 s without
+    # retries above only makes the lost server fail fast, and failed a just-restarted server on loaded cores.
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
     out = tmp_path / "resumed.json"
     assert main([*args, "--resume", run_id, "--output", str(out)]) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
