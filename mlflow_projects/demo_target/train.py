@@ -19,14 +19,9 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import mlflow
-
-import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import digits as digits_data  # noqa: E402  (mlflow_projects/digits.py, shared with the other project)
@@ -53,10 +48,7 @@ def split_digits(n_members, n_heldout, seed):
 
 
 def write_splits(digits, splits, out, seed):
-    for name, idx in splits.items():
-        os.makedirs(os.path.join(out, name), exist_ok=True)
-        for i in idx:
-            digits_data.to_image(digits.images[i]).save(os.path.join(out, name, "digit_%04d.png" % i))
+    digits_data.write_folders(digits, splits, out)
     meta = {
         "source": "sklearn.datasets.load_digits (8x8, 0..16), scaled to 0..255, bicubic to 16x16",
         "seed": seed,
@@ -64,21 +56,6 @@ def write_splits(digits, splits, out, seed):
     }
     with open(os.path.join(out, "split.json"), "w") as f:
         json.dump(meta, f, indent=1)
-
-
-def build_model():
-    unet = UNet2DModel(
-        sample_size=SIZE,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    return unet, scheduler
 
 
 def main():
@@ -90,51 +67,17 @@ def main():
     digits, splits = split_digits(args.n_members, args.n_heldout, args.seed)
     write_splits(digits, splits, out, args.seed)
     # Train on exactly what was written to disk: the members' PNGs, in [-1, 1].
-    x = np.stack([np.asarray(digits_data.to_image(digits.images[i]), dtype=np.float32) for i in splits["members"]])
-    x = torch.from_numpy(x / 127.5 - 1.0).unsqueeze(1)  # (N, 1, 16, 16)
-
-    unet, scheduler = build_model()
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = min(100, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / max(1, warmup))
-        * 0.5 * (1 + np.cos(np.pi * min(1.0, s / args.steps))),
-    )
-    gen = torch.Generator().manual_seed(args.seed)
+    x = digits_data.tensor_of(digits, splits["members"])
+    unet, scheduler = digits_data.build_model()
     n_params = sum(p.numel() for p in unet.parameters())
 
     with mlflow.start_run():
         mlflow.log_params({**vars(args), "output": out, "n_params": n_params, "image_size": SIZE})
         mlflow.set_tag("cdi.role", "demo_target")
-        unet.train()
-        t0, running, order, pos = time.time(), [], torch.empty(0, dtype=torch.long), 0
-        for step in range(args.steps):
-            if pos + args.batch_size > len(order):  # new epoch
-                order, pos = torch.randperm(len(x), generator=gen), 0
-            batch = x[order[pos:pos + args.batch_size]]
-            pos += args.batch_size
-            noise = torch.randn(batch.shape, generator=gen)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
-            loss = F.mse_loss(unet(scheduler.add_noise(batch, noise, t), t).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running.append(loss.item())
-            if (step + 1) % 50 == 0 or step + 1 == args.steps:
-                avg = float(np.mean(running))
-                running = []
-                mlflow.log_metrics({"loss": avg, "lr": sched.get_last_lr()[0]}, step=step + 1)
-                if (step + 1) % 500 == 0 or step + 1 == args.steps:
-                    print("step %5d  loss %.4f  %.0fs" % (step + 1, avg, time.time() - t0), flush=True)
-        train_s = time.time() - t0
+        train_s, _ = digits_data.train(unet, scheduler, x, args.steps, args.lr, args.batch_size, args.seed,
+                                       lambda metrics, step: mlflow.log_metrics(metrics, step=step), log_every=50)
         mlflow.log_metric("train_seconds", train_s)
-
-        unet.eval()
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(
-            os.path.join(out, "model"), safe_serialization=True
-        )
+        digits_data.save(unet, scheduler, os.path.join(out, "model"))
         mlflow.log_artifact(os.path.join(out, "split.json"))
         print("trained %d steps in %.0fs; wrote %s" % (args.steps, train_s, out))
 

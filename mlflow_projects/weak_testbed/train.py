@@ -34,11 +34,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import digits as digits_data  # noqa: E402  (mlflow_projects/digits.py, shared with the other project)
+from digits import build_model, save, tensor_of, train  # noqa: E402
 
 SIZE = digits_data.SIZE
 
@@ -74,66 +73,6 @@ def split_digits(n_members, n_nonmembers, n_other, seed):
     return digits, splits
 
 
-def build_model(channels):
-    unet = UNet2DModel(
-        sample_size=SIZE,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=tuple(channels),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    return unet, scheduler
-
-
-def tensor_of(digits, idx):
-    """The images exactly as written to disk (the PNGs' pixels), in [-1, 1], shape (N, 1, 16, 16)."""
-    x = np.stack([np.asarray(digits_data.to_image(digits.images[i]), dtype=np.float32) for i in idx])
-    return torch.from_numpy(x / 127.5 - 1.0).unsqueeze(1)
-
-
-def train(unet, scheduler, x, steps, lr, batch_size, seed, log, prefix):
-    """Epsilon-prediction DDPM training, uniform t, AdamW, linear warm-up then cosine decay.
-    All randomness comes from one generator seeded with `seed`."""
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    warmup = min(100, max(1, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps)))
-    )
-    gen = torch.Generator().manual_seed(seed)
-    unet.train()
-    t0, running, order, pos, curve = time.time(), [], torch.empty(0, dtype=torch.long), 0, []
-    for step in range(steps):
-        if pos + batch_size > len(order):  # new epoch
-            order, pos = torch.randperm(len(x), generator=gen), 0
-        batch = x[order[pos:pos + batch_size]]
-        pos += batch_size
-        noise = torch.randn(batch.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
-        loss = F.mse_loss(unet(scheduler.add_noise(batch, noise, t), t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            avg = float(np.mean(running))
-            running = []
-            curve.append((step + 1, avg))
-            log({prefix + "loss": avg, prefix + "lr": sched.get_last_lr()[0]}, step + 1)
-            if (step + 1) % 500 == 0 or step + 1 == steps:
-                print("%s step %5d  loss %.4f  %.0fs" % (prefix, step + 1, avg, time.time() - t0), flush=True)
-    unet.eval()
-    return time.time() - t0, curve
-
-
-def save(unet, scheduler, path):
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,10 +87,7 @@ def main(argv=None):
     replay = sorted(int(i) for i in rng.choice(splits["base_train"], size=n_replay, replace=False))
     finetune = sorted(splits["members"] + splits["other"] + replay)
 
-    for name, idx in splits.items():
-        os.makedirs(os.path.join(out, name), exist_ok=True)
-        for i in idx:
-            digits_data.to_image(digits.images[i]).save(os.path.join(out, name, "digit_%04d.png" % i))
+    digits_data.write_folders(digits, splits, out)
 
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
