@@ -31,6 +31,8 @@ from pathlib import Path
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 GOLDEN = Path(__file__).resolve().parent / "golden"
+#: The guarded audit's permutations.
+N_PERMUTATIONS = 1000
 #: Fields that name this run, this machine or this moment, not the audit's result.
 VOLATILE = {"run_id", "tracking_uri", "experiment", "created", "model_path", "cdi_version"}
 
@@ -55,9 +57,15 @@ def demo_audit(root: Path, tracking_uri: str) -> tuple[dict, str]:
 
     torch.set_num_threads(1)
     suspect, control = _sets(root)
-    result = audit(DEMO / "model", suspect, control, access="white", batch_size=20, progress=False,
-                   use_cache=False, power_resamples=20, n_permutations=1000, tracking_uri=tracking_uri,
-                   experiment="golden", threads=1)
+    how = dict(batch_size=20, progress=False, use_cache=False, threads=1)
+    try:
+        from cdi.features import ExtractionOptions
+    except ImportError:  # recording the guard on a commit from before ExtractionOptions: the flat keywords
+        compute = how
+    else:
+        compute = {"extraction": ExtractionOptions(**how)}
+    result = audit(DEMO / "model", suspect, control, access="white", power_resamples=20,
+                   n_permutations=N_PERMUTATIONS, tracking_uri=tracking_uri, experiment="golden", **compute)
     client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
     table = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/features.csv")
@@ -115,11 +123,103 @@ def _golden(where: Path = GOLDEN) -> tuple[dict, str]:
 
 #: Cross-CPU tolerance on floats (see the module docstring for the measurement).
 CROSS_CPU_RTOL = 1e-3
+#: GM_t's mask is the top 20 % of |gradient|: where two entries nearly tie, another CPU's last bits can swap
+#: one pixel in or out of one image's mask. Measured 2026-12-04 on an AMD EPYC (AVX2) against tests/golden:
+#: one image's GM_500 moved by 4.9e-3 relative (every other value of all 26 features within 4e-5), which moved
+#: the residualised GM_500 of every image by up to 1.6e-2 of its range, the coefficients by up to 3 %, and the
+#: permutation p-value by one count in 1001. When such a flip is seen, what is computed from the features is
+#: held to these looser bounds instead; the raw features stay at CROSS_CPU_RTOL.
+MASK_TIE_RTOL = 1e-2
+MAX_MASK_TIES = 2
+DERIVED_RTOL = 0.1
+P_VALUE_COUNTS = 3
+
+
+def mask_ties(expected: str, actual: str) -> list[str]:
+    """The (column, row) of raw GM_t values outside CROSS_CPU_RTOL but within MASK_TIE_RTOL."""
+    import numpy as np
+    import pandas as pd
+
+    want, got = pd.read_csv(io.StringIO(expected)), pd.read_csv(io.StringIO(actual))
+    ties = []
+    for column in (c for c in want.columns if c.startswith("GM_") and "." not in c):
+        relative = np.abs(got[column] - want[column]) / np.abs(want[column]).clip(lower=1e-12)
+        ties += [f"{column}[{row}]" for row in np.flatnonzero((relative > CROSS_CPU_RTOL)
+                                                              & (relative <= MASK_TIE_RTOL))]
+    return ties
+
+
+def compare_across_cpus(expected: tuple[dict, str], actual: tuple[dict, str]) -> list[str]:
+    """`compare` at CROSS_CPU_RTOL; where GM_t mask ties flipped (at most MAX_MASK_TIES), the raw features
+    at CROSS_CPU_RTOL except those values, and what depends on the features (residualised columns, scores,
+    the result's floats) at DERIVED_RTOL of each quantity's scale, the p-value within P_VALUE_COUNTS
+    permutation counts, everything else exactly."""
+    import numpy as np
+    import pandas as pd
+
+    ties = mask_ties(expected[1], actual[1])
+    if not ties:
+        return compare(expected, actual, rtol=CROSS_CPU_RTOL)
+    if len(ties) > MAX_MASK_TIES:
+        return [f"{len(ties)} GM_t values moved by more than {CROSS_CPU_RTOL:g}: {', '.join(ties)}"]
+    problems: list[str] = []
+    want, got = pd.read_csv(io.StringIO(expected[1])), pd.read_csv(io.StringIO(actual[1]))
+    tied = {tie.split("[")[0]: int(tie.split("[")[1].rstrip("]")) for tie in ties}
+    for column in want.columns:
+        if want[column].dtype.kind != "f":
+            if want[column].tolist() != got[column].tolist():
+                problems.append(f"features.csv[{column}]: differs")
+            continue
+        w, g = want[column].to_numpy(), got[column].to_numpy()
+        if "." in column or column == "oof_score":  # computed from every image's features
+            scale = np.abs(w).max()
+            if np.abs(g - w).max() > DERIVED_RTOL * scale:
+                problems.append(f"features.csv[{column}]: moved by {np.abs(g - w).max():.3g} of range {scale:.3g}")
+            continue
+        keep = np.ones(len(w), dtype=bool)
+        if column in tied:
+            keep[tied[column]] = False
+        bad = np.flatnonzero(keep & ~np.isclose(g, w, rtol=CROSS_CPU_RTOL, atol=CROSS_CPU_RTOL * 1e-3))
+        problems += [f"features.csv[{column}][{row}]: {g[row]!r} != {w[row]!r}" for row in bad]
+    result_want, result_got = expected[0], actual[0]
+    step = P_VALUE_COUNTS / (N_PERMUTATIONS + 1)
+    if abs(result_got["p_value"] - result_want["p_value"]) > step + 1e-12:
+        problems.append(f"result.p_value: {result_got['p_value']} vs {result_want['p_value']}")
+    if result_got["verdict"] != result_want["verdict"]:
+        problems.append(f"result.verdict: {result_got['verdict']} != {result_want['verdict']}")
+    loose: list[str] = []
+    _close(_without(result_want), _without(result_got), "result", DERIVED_RTOL, loose)
+    return problems + loose
+
+
+def _without(result: dict) -> dict:
+    """The result but its p-values (compared in counts) and the power curve's per-size medians of them."""
+    out = {key: value for key, value in result.items() if key not in ("p_value", "power_curve")}
+    out["power_curve"] = [{k: v for k, v in row.items() if k != "median_p"} for row in result.get("power_curve", [])]
+    return out
 
 
 def test_demo_audit_matches_the_recorded_result_and_features(tmp_path, tracking_uri):
-    problems = compare(_golden(), demo_audit(tmp_path, tracking_uri), rtol=CROSS_CPU_RTOL)
+    problems = compare_across_cpus(_golden(), demo_audit(tmp_path, tracking_uri))
     assert not problems, "\n".join(problems[:20])
+
+
+def test_a_mask_tie_is_told_apart_from_a_changed_feature():
+    """The looser comparison applies to one flipped GM_t value only: a change anywhere else still fails."""
+    import pandas as pd
+
+    result, table = _golden()
+    frame = pd.read_csv(io.StringIO(table))
+    tie = frame.copy()
+    tie.loc[3, "GM_500"] *= 1.004
+    assert mask_ties(table, tie.to_csv(index=False)) == ["GM_500[3]"]
+    assert compare_across_cpus((result, table), (result, tie.to_csv(index=False))) == []
+    changed = tie.copy()
+    changed.loc[5, "DL"] *= 1.004
+    assert compare_across_cpus((result, table), (result, changed.to_csv(index=False))) == [
+        f"features.csv[DL][5]: {changed.loc[5, 'DL']!r} != {frame.loc[5, 'DL']!r}"]
+    moved = dict(result, p_value=result["p_value"] + 5 / (N_PERMUTATIONS + 1))
+    assert compare_across_cpus((result, table), (moved, tie.to_csv(index=False)))[0].startswith("result.p_value")
 
 
 if __name__ == "__main__":
