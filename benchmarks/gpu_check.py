@@ -286,6 +286,7 @@ def _check(args: argparse.Namespace, scratch: Path, log: logging.Logger) -> int:
     import cdi
     import diffusers
     from cdi.audit import apply_conditioning, audit
+    from cdi.features.extraction import ExtractionOptions
     from cdi.data import discover_images
     from cdi.features.extraction import half_precision_weights, resolve_precision
     from cdi.models import load_model
@@ -344,10 +345,11 @@ def _check(args: argparse.Namespace, scratch: Path, log: logging.Logger) -> int:
         uri = args.tracking_uri or f"sqlite:///{scratch / 'mlflow.db'}"
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        found = audit(args.model, suspect, control, access=args.access, seed=args.seed, batch_size=args.batch_size,
-                      device="cuda", precision=args.precision, allow_pickle=args.allow_pickle, progress=False,
-                      use_cache=False, power_resamples=0, prompt=args.prompt, class_label=args.class_label,
-                      tracking_uri=uri, experiment=EXPERIMENT)
+        options = ExtractionOptions(batch_size=args.batch_size, device="cuda", precision=args.precision,
+                                    progress=False, use_cache=False)
+        found = audit(args.model, suspect, control, access=args.access, seed=args.seed, extraction=options,
+                      allow_pickle=args.allow_pickle, power_resamples=0, prompt=args.prompt,
+                      class_label=args.class_label, tracking_uri=uri, experiment=EXPERIMENT)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         result["audit"] = {

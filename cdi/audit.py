@@ -22,7 +22,7 @@ from cdi.data import (
 )
 from cdi.errors import OptionError
 from cdi.features import FeatureConfig, extract, resolve_features
-from cdi.features.extraction import worker_rank
+from cdi.features.extraction import ExtractionOptions, worker_rank
 from cdi.features.latent_statistics import latent_statistic_names
 from cdi.manifest import build_manifest, image_entries, image_metadata
 from cdi.models import load_model
@@ -351,28 +351,6 @@ def apply_conditioning(records: list, adapter: Any, prompt: str | None, class_la
 
 
 @dataclass(frozen=True)
-class ExtractionOptions:
-    """How features are computed (never what they are): device, batching, cache, processes, threads."""
-
-    batch_size: int = 16
-    device: str = "auto"
-    progress: bool = True
-    cache_dir: str | Path | None = None
-    use_cache: bool = True
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "auto"
-    threads: int | None = None
-    timestep_batching: str = "auto"
-    compile: str = "auto"
-
-    def for_extract(self, **changes: Any) -> dict[str, Any]:
-        """These options as `cdi.features.extract`'s keyword arguments (its own names), with `changes`."""
-        return {**asdict(self), **changes}
-
-
-@dataclass(frozen=True)
 class TestSettings:
     """What the test is: features, seed, cross-fitting, scorer, hypothesis test, and the scorer's input."""
 
@@ -564,17 +542,15 @@ def extract_step(plan: AuditPlan) -> Extracted:
     s, x = plan.settings, plan.extraction
 
     def run(adapter: Any, show_progress: bool) -> Any:
-        return extract(adapter, plan.records, s.names, config=s.feature_config, seed=s.seed,
-                       **x.for_extract(progress=show_progress))
+        return extract(adapter, plan.records, s.names, s.feature_config, s.seed, x, progress=show_progress)
 
     show = x.progress and worker_rank() == 0
     target, references = run(plan.adapter, show), [run(reference, show) for reference in plan.references]
     latents = None
     if plan.adapter.info.family != "pixel_unet":  # the encoder's view of each image, for the shift guard
         latents = extract(plan.adapter, plan.records, latent_statistic_names(plan.adapter.latent_channels),
-                          config=s.feature_config, seed=s.seed,
-                          **x.for_extract(progress=False, precision="32", timestep_batching="off",
-                                           compile="off"))
+                          s.feature_config, s.seed, x, progress=False, precision="32", timestep_batching="off",
+                          compile="off")
     return Extracted(target, references, latents)
 
 
@@ -732,22 +708,11 @@ def audit(
     features: Sequence[str] | None = None,
     seed: int = 0,
     folds: int = 5,
-    batch_size: int = 16,
-    device: str = "auto",
+    extraction: ExtractionOptions | None = None,
     allow_pickle: bool = False,
     experiment: str = audit_layout.EXPERIMENT,
     tracking_uri: str | None = None,
     feature_config: FeatureConfig | None = None,
-    progress: bool = True,
-    cache_dir: str | Path | None = None,
-    use_cache: bool = True,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "auto",
-    threads: int | None = None,
-    timestep_batching: str = "auto",
-    compile: str = "auto",
     prompt: str | None = None,
     class_label: str | int | None = None,
     latent_sample_seed: int | None = None,
@@ -768,6 +733,8 @@ def audit(
     """Audit `model` for use of the `suspect` images against the `control` images.
 
     Returns None in a non-zero rank of a multi-process launch (rank 0 returns the result).
+    `extraction` (`cdi.features.ExtractionOptions`): how the features are computed (batch size, device, cache,
+    processes, precision); default `ExtractionOptions()`.
     `search_config` (a `cdi.search.SearchConfig`): the search this audit's settings come from, applied whole
     (features, access, folds, seed, C, penalty, feature settings and calibration replace those arguments),
     as `cdi audit --config` does; its run id is recorded, and its calibration images are left out (held
@@ -788,11 +755,7 @@ def audit(
                     alpha=alpha, folds=folds, C=C, penalty=penalty, test=test, n_permutations=n_permutations,
                     power_resamples=power_resamples, representation=representation,
                     reference_formula=reference_formula, difficulty_calibration=difficulty_calibration)
-    options = ExtractionOptions(batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir,
-                                use_cache=use_cache, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                                precision=precision, threads=threads, timestep_batching=timestep_batching,
-                                compile=compile)
-    plan = plan_audit(model, suspect, control, settings, options, search_config=search_config,
+    plan = plan_audit(model, suspect, control, settings, extraction or ExtractionOptions(), search_config=search_config,
                       allow_pickle=allow_pickle, prompt=prompt, class_label=class_label,
                       latent_sample_seed=latent_sample_seed, reference_models=reference_models, lora=lora,
                       duplicates=duplicates)

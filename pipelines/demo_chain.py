@@ -23,14 +23,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from cdi import tracking
 from cdi.errors import OptionError
 from pipelines.steps import (
     write_pipeline_result,
-    DEFAULT_EXPERIMENT, REPO, Pipeline, StepContext, StepRecord, default_work_dir, download_artifact, file_digest,
-    images_digest, model_digest, optional_path, optional_text, pipeline_run, publish, run_command, scratch_folder,
+    REPO, Pipeline, RunOptions, StepContext, StepRecord, add_run_options, download_artifact, file_digest,
+    images_digest, model_digest, optional_path, pipeline_run, publish, run_command, scratch_folder,
 )
 
 NAME = "demo_chain"
@@ -76,35 +76,28 @@ def demo_chain(
     permutations: int = 1000,
     power_resamples: int = 100,
     seed: int = 0,
-    batch_size: int = 50,
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
-    work_dir: str | Path | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    tracking_uri: str | None = None,
-    progress: bool = False,
-    echo: Callable[[str], None] | None = None,
+    run: RunOptions = RunOptions(),
 ) -> DemoChainOutcome:
     """Train (or reuse) the demo target with train.py's parameters, then audit it (or reuse the audit).
 
-    Defaults: the bundled demo's recipe (demo/README.md) and `cdi audit`'s settings.
+    Defaults: the bundled demo's recipe (demo/README.md) and `cdi audit`'s settings. `run`: where the runs
+    and folders go and how the model passes run.
     """
     from cdi.audit import check_permutations
 
     _check(n_members, n_heldout, steps, train_batch_size, lr)
     check_permutations(permutations, alpha, "permutation")
-    work = Path(work_dir) if work_dir else default_work_dir()
+    work = run.work
     training = {"n_members": n_members, "n_heldout": n_heldout, "steps": steps, "batch_size": train_batch_size,
                 "lr": lr, "seed": train_seed}
     auditing = {"access": access, "alpha": alpha, "permutations": permutations, "power_resamples": power_resamples,
                 "seed": seed}
     recorded = {**{f"train.{k}": v for k, v in training.items()}, **{f"audit.{k}": v for k, v in auditing.items()}}
-    options = dict(batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
-    with pipeline_run(NAME, tracking_uri=tracking_uri, experiment=experiment, params=recorded,
-                      code_extra=[TRAIN_SCRIPT], echo=echo) as pipeline:
+    with pipeline_run(NAME, tracking_uri=run.tracking_uri, experiment=run.experiment, params=recorded,
+                      code_extra=[TRAIN_SCRIPT], echo=run.echo) as pipeline:
         trained = _train(pipeline, training, work)
         folder = target_folder(pipeline, trained, work)
-        audited = _audit(pipeline, trained, folder, auditing, options)
+        audited = _audit(pipeline, trained, folder, auditing, run)
         result = tracking.download_json(audited.run_id, "result.json", pipeline.tracking_uri)
         pipeline.client.set_tag(pipeline.parent_run_id, "cdi.verdict", result["verdict"])
         pipeline.client.log_metric(pipeline.parent_run_id, "p_value", float(result["p_value"]))
@@ -165,7 +158,7 @@ def _model_matches(folder: Path, fingerprint: str) -> bool:
 
 
 def _audit(pipeline: Pipeline, trained: StepRecord, folder: Path, auditing: dict[str, Any],
-           options: dict[str, Any]) -> StepRecord:
+           run: RunOptions) -> StepRecord:
     model, suspect, control = folder / "model", folder / "members", folder / "heldout"
     inputs = {"model": model_digest(model), "suspect": images_digest(suspect, "members"),
               "control": images_digest(control, "heldout")}
@@ -175,7 +168,7 @@ def _audit(pipeline: Pipeline, trained: StepRecord, folder: Path, auditing: dict
 
         result = audit(model, suspect, control, access=auditing["access"], alpha=auditing["alpha"],
                        n_permutations=auditing["permutations"], power_resamples=auditing["power_resamples"],
-                       seed=auditing["seed"], tracking_uri=step.tracking_uri, **options)
+                       seed=auditing["seed"], tracking_uri=step.tracking_uri, extraction=run.extraction())
         return {"verdict": result.verdict, "p_value": result.p_value, "result": "result.json",
                 "report": REPORT_ARTIFACT}
 
@@ -187,7 +180,6 @@ def _audit(pipeline: Pipeline, trained: StepRecord, folder: Path, auditing: dict
 
 def build_parser() -> argparse.ArgumentParser:
     from cdi.cli import Parser
-    from cdi.cli.common import add_compute_options
     from cdi.options import count as _count
     from cdi.options import positive_int as _positive_int
 
@@ -206,16 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--power-resamples", type=_count, default=100)
     audit.add_argument("--seed", type=_count, default=0, help="seed of the audit's noise draws and folds (default 0)")
     audit.add_argument("--output", type=optional_path, default=None, help="also write the result JSON here")
-    compute = parser.add_argument_group("compute and tracking (not part of any reuse key)")
-    add_compute_options(compute, batch_size=50)
-    compute.add_argument("--cache-dir", type=optional_text, default=None)
-    compute.add_argument("--work-dir", type=optional_text, default=None,
-                         help="where trained targets go (default $CDI_PIPELINE_DIR, else ~/.cache/cdi/pipelines)")
-    compute.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-    compute.add_argument("--tracking-uri", type=optional_text, default=None,
-                         help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    compute.add_argument("--no-progress", action="store_true")
-    compute.add_argument("-v", "--verbose", action="store_true")
+    add_run_options(parser, work="where trained targets go")
     return parser
 
 
@@ -227,9 +210,7 @@ def _run(args: argparse.Namespace) -> int:
     outcome = demo_chain(
         n_members=args.n_members, n_heldout=args.n_heldout, steps=args.steps, train_batch_size=args.train_batch_size,
         lr=args.lr, train_seed=args.train_seed, access=args.access, alpha=args.alpha, permutations=args.permutations,
-        power_resamples=args.power_resamples, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        cache_dir=args.cache_dir, work_dir=args.work_dir, experiment=args.experiment, tracking_uri=args.tracking_uri,
-        progress=not args.no_progress, echo=lambda line: print(line, flush=True),
+        power_resamples=args.power_resamples, seed=args.seed, run=RunOptions.from_args(args),
     )
     result = outcome.result
     comparison = "<" if result["verdict"] == "used" else ">="

@@ -31,17 +31,16 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from cdi import tracking
 from cdi.tracking import calibration as calibration_layout
 from cdi.errors import OptionError
 from cdi.hashing import sha256_text
 from pipelines.steps import (
+    REPO, Pipeline, RunOptions, StepContext, StepRecord, add_run_options, download_artifact, file_digest,
+    images_digest, model_digest, optional_path, optional_text, pipeline_run, publish, run_command, scratch_folder,
     write_pipeline_result,
-    DEFAULT_EXPERIMENT, REPO, Pipeline, StepContext, StepRecord, default_work_dir, download_artifact, file_digest,
-    images_digest,
-    model_digest, optional_path, optional_text, pipeline_run, publish, run_command, scratch_folder,
 )
 
 NAME = "owner_audit"
@@ -148,26 +147,18 @@ def owner_audit(
     permutations: int = 1000,
     power_resamples: int = 100,
     seed: int = 0,
-    batch_size: int = 50,
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
-    work_dir: str | Path | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    tracking_uri: str | None = None,
-    progress: bool = False,
-    echo: Callable[[str], None] | None = None,
+    run: RunOptions = RunOptions(),
 ) -> OwnerAuditOutcome:
     """Run (or reuse) calibrate, search, audit and report; see the module docstring.
 
     `space`: a search space YAML (default: the built-in space of `access`). `member_fraction`: share of members
     on the suspect side of the search's resamples (default 1; the demo's 0.25, as `cdi search` on the demo).
-    `batch_size`, `device`, `cache_dir` and `progress` say how features are computed, so they are not part of
-    any step's reuse key.
+    `run`: where the runs and folders go and how features are computed, so not part of any step's reuse key.
     """
     from cdi.audit import check_permutations
     from cdi.search.run import DEMO_MEMBER_FRACTION, load_space
 
-    work = Path(work_dir) if work_dir else default_work_dir()
+    work = run.work
     sets, demo = _sets(work, model=model, suspect=suspect, control=control, reference_model=reference_model,
                        members=members, nonmembers=list(nonmembers))
     check_permutations(permutations, alpha, "permutation")  # before the calibration's minutes, not after
@@ -175,7 +166,6 @@ def owner_audit(
     search_space = load_space(space, access)
     if member_fraction is None:
         member_fraction = DEMO_MEMBER_FRACTION if demo else 1.0
-    options = dict(batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress)
     settings = {
         "space": str(space) if space else f"built-in {access}", "n_trials": n_trials, "n": n,
         "member_fraction": member_fraction, "search_resamples": search_resamples, "null_audits": null_audits,
@@ -186,14 +176,15 @@ def owner_audit(
              for name, value in sets.items()}
     recorded = {**where, **settings, "demo": demo}
 
-    with pipeline_run(NAME, tracking_uri=tracking_uri, experiment=experiment, params=recorded, echo=echo) as pipeline:
+    with pipeline_run(NAME, tracking_uri=run.tracking_uri, experiment=run.experiment, params=recorded,
+                      echo=run.echo) as pipeline:
         calibrated = _calibrate(pipeline, sets, search_space.access, seed, null_audits, calibration_resamples,
-                                calibration_permutations, options)
+                                calibration_permutations, run)
         searched = _search(pipeline, calibrated, sets, space, access, n_trials=n_trials, n=n,
                            member_fraction=member_fraction, n_resamples=search_resamples, alpha=alpha, seed=seed,
-                           options=options)
+                           run=run)
         audited = _audit(pipeline, searched, sets, alpha=alpha, permutations=permutations,
-                         power_resamples=power_resamples, options=options)
+                         power_resamples=power_resamples, run=run)
         reported = _report(pipeline, calibrated, searched, audited, alpha)
         result = tracking.download_json(audited.run_id, "result.json", pipeline.tracking_uri)
         summary = _artifact_text(pipeline, reported.run_id, SUMMARY_ARTIFACT)
@@ -205,7 +196,7 @@ def owner_audit(
 
 
 def _calibrate(pipeline: Pipeline, sets: dict[str, Any], access: str, seed: int, null_audits: int, resamples: int,
-               permutations: int, options: dict[str, Any]) -> StepRecord:
+               permutations: int, run: RunOptions) -> StepRecord:
     reference, members, nonmembers = sets["reference_model"], sets["members"], sets["nonmembers"]
     inputs = {"reference_model": model_digest(reference), "members": images_digest(members, "--members"),
               "nonmembers": [images_digest(folder, "--nonmembers") for folder in nonmembers]}
@@ -214,7 +205,8 @@ def _calibrate(pipeline: Pipeline, sets: dict[str, Any], access: str, seed: int,
         from cdi.calibrate import run_calibration
 
         run_calibration(reference, members, nonmembers, access=access, seed=seed, n_null=null_audits,
-                        n_resamples=resamples, n_permutations=permutations, tracking_uri=step.tracking_uri, **options)
+                        n_resamples=resamples, n_permutations=permutations, tracking_uri=step.tracking_uri,
+                        **run.compute())
         return {"reference_model": str(Path(reference).resolve()), "members": str(Path(members).resolve()),
                 "nonmembers": [str(Path(folder).resolve()) for folder in nonmembers],
                 "model_fingerprint": inputs["reference_model"], "calibration": CALIBRATION_ARTIFACT}
@@ -226,7 +218,7 @@ def _calibrate(pipeline: Pipeline, sets: dict[str, Any], access: str, seed: int,
 
 def _search(pipeline: Pipeline, calibrated: StepRecord, sets: dict[str, Any], space: str | Path | None, access: str,
             *, n_trials: int, n: int, member_fraction: float, n_resamples: int, alpha: float, seed: int,
-            options: dict[str, Any]) -> StepRecord:
+            run: RunOptions) -> StepRecord:
     """The search on the calibration step's data: its reference model, members and non-members, read where they
     are now (the calibration step's key holds their digests, so they are the images it calibrated on)."""
     inputs = {"space": file_digest(space) if space else f"built-in {access}"}
@@ -236,7 +228,8 @@ def _search(pipeline: Pipeline, calibrated: StepRecord, sets: dict[str, Any], sp
 
         outcome = run_search(model=sets["reference_model"], members=sets["members"], nonmembers=sets["nonmembers"],
                              space=space, access=access, n_trials=n_trials, n=n, member_fraction=member_fraction,
-                             n_resamples=n_resamples, alpha=alpha, seed=seed, tracking_uri=step.tracking_uri, **options)
+                             n_resamples=n_resamples, alpha=alpha, seed=seed, tracking_uri=step.tracking_uri,
+                             **run.compute())
         config = outcome.config
         return {"config": CONFIG_ARTIFACT, "features": list(config.features), "C": config.C, "penalty": config.penalty,
                 "folds": config.folds, "access": config.access, "objective": config.objective}
@@ -247,7 +240,7 @@ def _search(pipeline: Pipeline, calibrated: StepRecord, sets: dict[str, Any], sp
 
 
 def _audit(pipeline: Pipeline, searched: StepRecord, sets: dict[str, Any], *, alpha: float, permutations: int,
-           power_resamples: int, options: dict[str, Any]) -> StepRecord:
+           power_resamples: int, run: RunOptions) -> StepRecord:
     """`cdi audit --from-search <search run>` of the model on P and U."""
     model, suspect, control = sets["model"], sets["suspect"], sets["control"]
     inputs = {"model": model_digest(model), "suspect": images_digest(suspect, "--suspect"),
@@ -260,7 +253,8 @@ def _audit(pipeline: Pipeline, searched: StepRecord, sets: dict[str, Any], *, al
 
         config = download_config(searched.run_id, step.tracking_uri)
         result = audit(model, suspect, control, alpha=alpha, n_permutations=permutations,
-                       power_resamples=power_resamples, search_config=config, tracking_uri=step.tracking_uri, **options)
+                       power_resamples=power_resamples, search_config=config, tracking_uri=step.tracking_uri,
+                       extraction=run.extraction())
         return {"verdict": result.verdict, "p_value": result.p_value, "result": "result.json", "report": AUDIT_REPORT}
 
     return pipeline.step("audit", inputs=inputs, upstream=[searched], execute=execute, params={
@@ -343,7 +337,6 @@ def _fraction(text: str) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from cdi.cli import Parser
-    from cdi.cli.common import add_compute_options
     from cdi.options import count as _count
     from cdi.options import positive_int as _positive_int
 
@@ -380,19 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=_count, default=0, help="seed of calibration and search, hence of the audit")
     audit.add_argument("--report", type=optional_path, default=None, help="also write the audit's report.html here")
     audit.add_argument("--output", type=optional_path, default=None, help="also write the result JSON here")
-    compute = parser.add_argument_group("compute and tracking (not part of any reuse key)")
-    add_compute_options(compute, batch_size=50)
-    compute.add_argument("--cache-dir", type=optional_text, default=None,
-                         help="feature cache (default as for cdi audit)")
-    compute.add_argument("--work-dir", type=optional_text, default=None,
-                         help="folders the pipeline makes (default $CDI_PIPELINE_DIR, else ~/.cache/cdi/pipelines)")
-    compute.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                         help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}; under `mlflow run`, the "
-                              "project run's)")
-    compute.add_argument("--tracking-uri", type=optional_text, default=None,
-                         help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    compute.add_argument("--no-progress", action="store_true")
-    compute.add_argument("-v", "--verbose", action="store_true")
+    add_run_options(parser, work="folders the pipeline makes")
     return parser
 
 
@@ -408,9 +389,7 @@ def _run(args: argparse.Namespace) -> int:
         search_resamples=args.search_resamples, null_audits=args.null_audits,
         calibration_resamples=args.calibration_resamples, calibration_permutations=args.calibration_permutations,
         alpha=args.alpha, permutations=args.permutations, power_resamples=args.power_resamples, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, work_dir=args.work_dir,
-        experiment=args.experiment, tracking_uri=args.tracking_uri, progress=not args.no_progress,
-        echo=lambda line: print(line, flush=True),
+        run=RunOptions.from_args(args),
     )
     result = outcome.result
     comparison = "<" if result["verdict"] == "used" else ">="

@@ -69,6 +69,59 @@ def default_work_dir() -> Path:
     return Path(os.environ.get("CDI_PIPELINE_DIR") or Path.home() / ".cache" / "cdi" / "pipelines")
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a pipeline keeps its runs and folders and how its model passes run. None of it is part of a
+    step's reuse key: features do not depend on it."""
+
+    batch_size: int = 50
+    device: str = "auto"
+    cache_dir: str | Path | None = None
+    work_dir: str | Path | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    progress: bool = False
+    echo: Callable[[str], None] | None = None
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else default_work_dir()
+
+    def compute(self) -> dict[str, Any]:
+        """The keyword arguments `cdi.calibrate.run_calibration` and `cdi.search.run_search` take for these."""
+        return dict(batch_size=self.batch_size, device=self.device, cache_dir=self.cache_dir, progress=self.progress)
+
+    def extraction(self) -> Any:
+        """These as `cdi.audit.audit`'s `extraction`."""
+        from cdi.features.extraction import ExtractionOptions
+
+        return ExtractionOptions(**self.compute())
+
+    @classmethod
+    def from_args(cls, args: Any) -> RunOptions:
+        """From the options `add_run_options` adds; progress lines of the steps are printed."""
+        return cls(batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, work_dir=args.work_dir,
+                   experiment=args.experiment, tracking_uri=args.tracking_uri, progress=not args.no_progress,
+                   echo=lambda line: print(line, flush=True))
+
+
+def add_run_options(parser: Any, *, work: str) -> None:
+    """The pipelines' "compute and tracking" options (`RunOptions`); `work`: what the work folder holds."""
+    from cdi.cli.common import add_compute_options
+
+    group = parser.add_argument_group("compute and tracking (not part of any reuse key)")
+    add_compute_options(group, batch_size=RunOptions.batch_size)
+    group.add_argument("--cache-dir", type=optional_text, default=None, help="feature cache (default as for cdi audit)")
+    group.add_argument("--work-dir", type=optional_text, default=None,
+                       help=f"{work} (default $CDI_PIPELINE_DIR, else ~/.cache/cdi/pipelines)")
+    group.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                       help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}; under `mlflow run`, the project run's)")
+    group.add_argument("--tracking-uri", type=optional_text, default=None,
+                       help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    group.add_argument("--no-progress", action="store_true")
+    group.add_argument("-v", "--verbose", action="store_true")
+
+
 # -- input digests -------------------------------------------------------------------------------------------
 
 

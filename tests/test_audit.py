@@ -6,11 +6,13 @@ import mlflow
 import pytest
 
 from cdi.audit import audit
+from cdi.features import ExtractionOptions
 
 
 def test_second_audit_of_the_same_sets_reuses_every_feature(tiny_model, image_sets, tracking_uri, tmp_path):
-    first = audit(tiny_model, *image_sets, access="gray", cache_dir=tmp_path, progress=False, experiment="cache")
-    second = audit(tiny_model, *image_sets, access="gray", cache_dir=tmp_path, progress=False, experiment="cache")
+    cached = ExtractionOptions(cache_dir=tmp_path, progress=False)
+    first = audit(tiny_model, *image_sets, access="gray", extraction=cached, experiment="cache")
+    second = audit(tiny_model, *image_sets, access="gray", extraction=cached, experiment="cache")
     client = mlflow.MlflowClient(tracking_uri)
     m1 = client.get_run(first.run_id).data.metrics
     m2 = client.get_run(second.run_id).data.metrics
@@ -26,5 +28,5 @@ def test_unreachable_tracking_server_fails_before_any_model_pass(tiny_model, ima
     calls = []
     monkeypatch.setattr("cdi.audit.extract", lambda *a, **k: calls.append(1))
     with pytest.raises(TrackingError, match="--tracking-uri http://127.0.0.1:9"):
-        audit(tiny_model, *image_sets, tracking_uri="http://127.0.0.1:9", progress=False)
+        audit(tiny_model, *image_sets, tracking_uri="http://127.0.0.1:9", extraction=ExtractionOptions(progress=False))
     assert calls == []

@@ -6,14 +6,16 @@ import json
 
 import yaml
 
-from cdi.audit import audit, plan_audit, ExtractionOptions
+from cdi.audit import audit, plan_audit
 from cdi.tracking import audit as audit_layout
 from cdi.cli import main
-from cdi.features import FeatureConfig
+from cdi.features import ExtractionOptions, FeatureConfig
 from cdi.search import SearchConfig
 
 CONFIG = {"features": ["DL", "SecMI"], "C": 0.5, "penalty": "l2", "folds": 4, "access": "gray", "seed": 3,
           "feature_settings": {"dl_draws": 2}}
+
+QUIET = ExtractionOptions(progress=False)
 
 
 def test_audit_with_a_search_config_from_python_equals_cdi_audit_with_config(tiny_model, image_sets, tracking_uri,
@@ -27,7 +29,7 @@ def test_audit_with_a_search_config_from_python_equals_cdi_audit_with_config(tin
     cli = json.loads(output.read_text())
     # The Python caller passes only the config: its features, access, folds, seed, C and settings apply.
     api = audit(tiny_model, *image_sets, search_config=SearchConfig.read(path), n_permutations=200,
-                power_resamples=0, progress=False).to_dict()
+                power_resamples=0, extraction=QUIET).to_dict()
     for key in ("p_value", "statistic", "auc", "features", "access", "seed", "folds", "coefficients", "feature_auc"):
         assert api[key] == cli[key], key
     assert cli["features"] == ["DL", "SecMI"] and cli["seed"] == 3 and cli["folds"] == 4
@@ -53,10 +55,10 @@ def test_the_image_sets_are_logged_as_mlflow_datasets_found_by_their_digest(tiny
     import mlflow
 
     first = audit(tiny_model, *image_sets, access="gray", features=["DL"], n_permutations=100, power_resamples=0,
-                  progress=False)
+                  extraction=QUIET)
     copy = shutil.copytree(image_sets[0], tmp_path / "renamed-folder")
     second = audit(tiny_model, copy, image_sets[1], access="gray", features=["DL"], n_permutations=100,
-                   power_resamples=0, progress=False)
+                   power_resamples=0, extraction=QUIET)
     client = mlflow.MlflowClient(tracking_uri)
     inputs = {}
     for result in (first, second):
@@ -77,7 +79,7 @@ def test_the_audited_model_is_an_mlflow_logged_model_listing_every_audit_of_it(t
     import mlflow
 
     runs = [audit(tiny_model, *image_sets, access="gray", features=["DL"], n_permutations=100, power_resamples=0,
-                  progress=False, seed=seed, experiment="logged-models").run_id for seed in (0, 1)]
+                  extraction=QUIET, seed=seed, experiment="logged-models").run_id for seed in (0, 1)]
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("logged-models").experiment_id
     (model,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
@@ -93,7 +95,7 @@ def test_a_new_cdi_experiment_declares_itself_a_model_development_experiment(tin
     from cdi import tracking
 
     audit(tiny_model, *image_sets, access="gray", features=["DL"], n_permutations=100, power_resamples=0,
-          progress=False, experiment="kind-check")
+          extraction=QUIET, experiment="kind-check")
     experiment = mlflow.MlflowClient(tracking_uri).get_experiment_by_name("kind-check")
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 

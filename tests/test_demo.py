@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from cdi.audit import audit
+from cdi.features import ExtractionOptions
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 
@@ -26,8 +27,8 @@ def test_demo_members_are_detected_and_held_out_digits_are_not(suspect, expected
     # (`mlflow run .`, 100 per side, 26 features) gives p < 1e-100 for members.
     p = _first(DEMO / suspect, 40, tmp_path / "p")
     u = _first(DEMO / "heldout", 40, tmp_path / "u")
-    result = audit(DEMO / "model", p, u, access="gray", batch_size=40, progress=False, use_cache=False,
-                   power_resamples=0)
+    result = audit(DEMO / "model", p, u, access="gray", power_resamples=0,
+                   extraction=ExtractionOptions(batch_size=40, progress=False, use_cache=False))
     assert result.verdict == expected
     if expected == "used":
         # no permutation of 1000 beats the observed statistic: the smallest p the test can give
@@ -55,8 +56,8 @@ def test_demo_audit_with_a_warm_cache_makes_no_model_pass(tmp_path, tracking_uri
     passes = []
     forward = UNet2DModel.forward
     monkeypatch.setattr(UNet2DModel, "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
-    result = audit(DEMO / "model", members, heldout, access="white", batch_size=50,
-                   cache_dir=tmp_path / "cache", progress=False, power_resamples=0, experiment="warm-demo")
+    result = audit(DEMO / "model", members, heldout, access="white", power_resamples=0, experiment="warm-demo",
+                   extraction=ExtractionOptions(batch_size=50, cache_dir=tmp_path / "cache", progress=False))
     assert passes == []
     metrics = mlflow.MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
     assert (metrics["extraction.cache_hits"], metrics["extraction.cache_misses"]) == (60, 0)

@@ -80,7 +80,7 @@ def test_owner_audit_runs_each_step_once_reuses_it_and_reruns_from_a_changed_par
             [reference_data["nonmembers"]])
     client = mlflow.MlflowClient(tracking_uri)
 
-    first = owner.owner_audit(*sets, **tiny, **where)
+    first = owner.owner_audit(*sets, **tiny, run=steps.RunOptions(**where))
     experiment_id = client.get_run(first.parent_run_id).info.experiment_id
     parent = client.get_run(first.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["cdi.pipeline.role"] == "parent"
@@ -126,7 +126,7 @@ def test_owner_audit_runs_each_step_once_reuses_it_and_reruns_from_a_changed_par
     assert report.read_text() == page and second["p_value"] == first.result["p_value"]
 
     # An audit parameter: calibrate and search reused, audit and report re-run (as children of the new parent).
-    third = owner.owner_audit(*sets, **{**tiny, "permutations": 120}, **where)
+    third = owner.owner_audit(*sets, **{**tiny, "permutations": 120}, run=steps.RunOptions(**where))
     assert [(s.name, s.reused) for s in third.steps] == [("calibrate", True), ("search", True), ("audit", False),
                                                           ("report", False)]
     assert [s.run_id for s in third.steps[:2]] == [ids["calibrate"], ids["search"]]
@@ -135,14 +135,14 @@ def test_owner_audit_runs_each_step_once_reuses_it_and_reruns_from_a_changed_par
     assert client.get_run(third.steps[2].run_id).data.params["n_permutations"] == "120"
 
     # A search parameter: only the calibration is reused.
-    fourth = owner.owner_audit(*sets, **{**tiny, "n_trials": 4}, **where)
+    fourth = owner.owner_audit(*sets, **{**tiny, "n_trials": 4}, run=steps.RunOptions(**where))
     assert [s.reused for s in fourth.steps] == [True, False, False, False]
     assert fourth.steps[0].run_id == ids["calibrate"]
     assert client.get_run(fourth.steps[1].run_id).data.params["n_trials"] == "4"
 
     # Other code: every step re-runs.
     code["version"] = "test-code-2"
-    fifth = owner.owner_audit(*sets, **tiny, **where)
+    fifth = owner.owner_audit(*sets, **tiny, run=steps.RunOptions(**where))
     assert [s.reused for s in fifth.steps] == [False] * 4
     assert client.get_run(fifth.steps[0].run_id).data.tags["cdi.pipeline.code_version"] == "test-code-2"
 
@@ -151,7 +151,8 @@ def test_owner_audit_wants_every_set_or_none(tiny_model, tracking_uri, tmp_path)
     from cdi.errors import OptionError
 
     with pytest.raises(OptionError, match="--suspect, --control, --reference-model, --members, --nonmembers: missing"):
-        owner.owner_audit(tiny_model, tracking_uri=tracking_uri, work_dir=tmp_path, experiment="pipeline-refused")
+        owner.owner_audit(tiny_model, run=steps.RunOptions(tracking_uri=tracking_uri, work_dir=tmp_path,
+                                                            experiment="pipeline-refused"))
     assert mlflow.MlflowClient(tracking_uri).get_experiment_by_name("pipeline-refused") is None
 
 
@@ -162,8 +163,9 @@ def test_owner_audit_refuses_calibration_images_in_p_or_u_before_any_run(tiny_mo
     suspect, control = image_sets
     with pytest.raises(ImageSetError, match="the same image as calibration image"):
         owner.owner_audit(tiny_model, suspect, control, reference_data["reference_model"], suspect,
-                          [reference_data["nonmembers"]], tracking_uri=tracking_uri, work_dir=tmp_path,
-                          experiment="pipeline-overlap")
+                          [reference_data["nonmembers"]], run=steps.RunOptions(tracking_uri=tracking_uri,
+                                                                               work_dir=tmp_path,
+                                                                               experiment="pipeline-overlap"))
     assert mlflow.MlflowClient(tracking_uri).get_experiment_by_name("pipeline-overlap") is None
 
 
@@ -192,7 +194,7 @@ def test_demo_chain_trains_once_and_reuses_the_target(tracking_uri, tmp_path, mo
              "work_dir": tmp_path / "work"}
     client = mlflow.MlflowClient(tracking_uri)
 
-    first = demo_chain(**tiny, **where)
+    first = demo_chain(**tiny, run=steps.RunOptions(**where))
     experiment_id = client.get_run(first.parent_run_id).info.experiment_id
     children = _children(client, experiment_id, first.parent_run_id)
     assert [run.data.tags["cdi.pipeline.step"] for run in children] == ["train", "audit"]
@@ -205,7 +207,7 @@ def test_demo_chain_trains_once_and_reuses_the_target(tracking_uri, tmp_path, mo
     fingerprint = steps.model_digest(first.folder / "model")
 
     runs_before, passes_before = len(_all_runs(client, experiment_id)), len(model_passes)
-    second = demo_chain(**tiny, **where)
+    second = demo_chain(**tiny, run=steps.RunOptions(**where))
     assert [(s.name, s.run_id, s.reused) for s in second.steps] == [
         ("train", train.info.run_id, True), ("audit", audited.info.run_id, True)]
     assert len(model_passes) == passes_before and len(_all_runs(client, experiment_id)) == runs_before + 1
@@ -213,7 +215,7 @@ def test_demo_chain_trains_once_and_reuses_the_target(tracking_uri, tmp_path, mo
     # The trained folder is gone and an audit parameter changed: the target comes back from the train run's
     # artifact (no training), and only the audit re-runs.
     shutil.rmtree(first.folder)
-    third = demo_chain(**{**tiny, "alpha": 0.05}, **where)
+    third = demo_chain(**{**tiny, "alpha": 0.05}, run=steps.RunOptions(**where))
     assert [(s.name, s.reused) for s in third.steps] == [("train", True), ("audit", False)]
     assert third.folder == first.folder and steps.model_digest(third.folder / "model") == fingerprint
     trains = client.search_runs([experiment_id], filter_string="tags.`cdi.pipeline.step` = 'train'")

@@ -11,9 +11,13 @@ import pytest
 
 from builders import save_pipeline, tiny_unet
 from cdi.audit import audit
+from cdi.features import ExtractionOptions
 from cdi.cli import main
 
-FAST = dict(access="gray", progress=False, n_permutations=100, power_resamples=0)
+def fast(cache_dir):
+    """A quick gray-box audit's settings, features cached in `cache_dir`."""
+    return dict(access="gray", n_permutations=100, power_resamples=0,
+                extraction=ExtractionOptions(cache_dir=cache_dir, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +38,8 @@ def twin_of_tiny_model(tiny_model, tmp_path_factory):
 def test_same_seeded_noise_on_target_and_reference(tiny_model, twin_of_tiny_model, image_sets, tracking_uri, tmp_path):
     """Common random numbers: a reference with the target's weights calibrates every feature to exactly zero,
     which holds only if every noise draw of every feature was the same on both models."""
-    result = audit(tiny_model, *image_sets, reference_models=[twin_of_tiny_model], cache_dir=tmp_path,
-                   difficulty_calibration="off", **FAST)
+    result = audit(tiny_model, *image_sets, reference_models=[twin_of_tiny_model], difficulty_calibration="off",
+                   **fast(tmp_path))
     table = _table(result)
     names = result.features
     calibrated = table[[f"{n}-ref" for n in names]].to_numpy()
@@ -45,7 +49,7 @@ def test_same_seeded_noise_on_target_and_reference(tiny_model, twin_of_tiny_mode
 
 def test_calibrated_features_are_target_minus_reference(tiny_model, reference_model, image_sets, tracking_uri, tmp_path):
     result = audit(tiny_model, *image_sets, reference_models=[reference_model], representation="both",
-                   cache_dir=tmp_path, difficulty_calibration="off", **FAST)
+                   difficulty_calibration="off", **fast(tmp_path))
     table = _table(result)
     for name in result.features:
         np.testing.assert_allclose(table[f"{name}-ref"], table[name] - table[f"ref1:{name}"], rtol=1e-6, atol=1e-6)
@@ -58,7 +62,7 @@ def test_reference_is_recorded_in_run_result_manifest_and_report(tiny_model, ref
     from cdi.models import load_model
 
     expected = load_model(reference_model).info.fingerprint
-    result = audit(tiny_model, *image_sets, reference_models=[reference_model], cache_dir=tmp_path, **FAST)
+    result = audit(tiny_model, *image_sets, reference_models=[reference_model], **fast(tmp_path))
     assert [r["fingerprint"] for r in result.extras["reference_models"]] == [expected]
     assert result.extras["reference_models"][0]["path"] == str(reference_model.resolve())
     assert result.extras["calibration"]["representation"] == "calibrated"
@@ -77,7 +81,7 @@ def test_verify_checks_the_reference_model_files(tiny_model, reference_model, im
                                                  capsys):
     reference = tmp_path / "ref"
     shutil.copytree(reference_model, reference)
-    result = audit(tiny_model, *image_sets, reference_models=[reference], cache_dir=tmp_path / "cache", **FAST)
+    result = audit(tiny_model, *image_sets, reference_models=[reference], **fast(tmp_path / "cache"))
     args = ["verify", result.run_id, "--model", str(tiny_model), "--suspect", str(image_sets[0]),
             "--control", str(image_sets[1]), "--tracking-uri", tracking_uri]
     assert main(args) == 0
@@ -89,8 +93,8 @@ def test_verify_checks_the_reference_model_files(tiny_model, reference_model, im
 
 def test_reference_features_come_from_the_cache_the_second_time(tiny_model, reference_model, image_sets,
                                                                 tracking_uri, tmp_path):
-    first = audit(tiny_model, *image_sets, reference_models=[reference_model], cache_dir=tmp_path, **FAST)
-    second = audit(tiny_model, *image_sets, reference_models=[reference_model], cache_dir=tmp_path, **FAST)
+    first = audit(tiny_model, *image_sets, reference_models=[reference_model], **fast(tmp_path))
+    second = audit(tiny_model, *image_sets, reference_models=[reference_model], **fast(tmp_path))
     client = mlflow.MlflowClient(tracking_uri)
     m1, m2 = client.get_run(first.run_id).data.metrics, client.get_run(second.run_id).data.metrics
     assert (m1["extraction.reference.cache_hits"], m1["extraction.reference.cache_misses"]) == (0, 24)

@@ -99,6 +99,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from cdi.audit import audit
+    from cdi.features.extraction import ExtractionOptions
 
     check_output_path(args.output)
     set_threads(args.threads)
@@ -112,21 +113,23 @@ def run(args: argparse.Namespace) -> int:
         features=args.features,
         seed=args.seed,
         folds=args.folds,
-        batch_size=args.batch_size,
-        device=args.device,
         allow_pickle=args.allow_pickle,
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
-        progress=not args.no_progress,
-        cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        precision=args.precision,
-        timestep_batching=args.timestep_batching,
-        compile=args.compile,
-        threads=args.threads or None,  # also inside Lightning's DDP processes, which pick their own count
+        extraction=ExtractionOptions(
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.no_progress,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+            devices=args.devices,
+            num_nodes=args.num_nodes,
+            strategy=args.strategy,
+            precision=args.precision,
+            timestep_batching=args.timestep_batching,
+            compile=args.compile,
+            threads=args.threads or None,  # also inside Lightning's DDP processes, which pick their own count
+        ),
         prompt=args.prompt,
         class_label=args.class_label,
         latent_sample_seed=args.latent_sample_seed,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, Setting
-from cdi.features.extraction import ExtractionReport, FeatureExtractor, extract
+from cdi.features.extraction import ExtractionOptions, ExtractionReport, FeatureExtractor, extract
 from cdi.features.registry import (
     FAMILIES,
     FEATURE_NAMES,
@@ -23,6 +23,7 @@ __all__ = [
     "GRAY_BOX_FEATURES",
     "FeatureBatch",
     "FeatureConfig",
+    "ExtractionOptions",
     "ExtractionReport",
     "FeatureExtractor",
     "FeatureFamily",

@@ -15,6 +15,7 @@ How work is laid out, so that results never depend on how they were computed:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -30,7 +31,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -407,28 +408,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
             or "can't allocate memory" in message)
 
 
-def extract(
-    adapter: DiffusionAdapter,
-    records: Sequence[ImageRecord],
-    names: Sequence[str],
-    config: FeatureConfig | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-    device: str = "auto",
-    progress: bool = True,
-    cache_dir: str | Path | None = None,
-    use_cache: bool = True,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "auto",
-    channels_last: bool | None = None,
-    threads: int | None = None,
-    timestep_batching: str = "auto",
-    max_call_rows: int | None = None,
-    compile: str = "auto",
-) -> ExtractionReport:
-    """Features of `records`, in their order, with cache statistics and timings.
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """How features are computed, never what they are: device, batching, cache, processes, threads.
 
     `timestep_batching` (auto, on, off; `resolve_timestep_batching`): make each family's several same-shaped
     model calls of a batch (GM/ML's timesteps, DL's draws, PIA and PIAN) as fewer calls of at most
@@ -436,25 +418,58 @@ def extract(
     halved down to the batch size before the batch is.
 
     `compile` (auto, on, off; `resolve_compile`): run the denoiser under `torch.compile` (in a multi-process
-    extraction each rank compiles its own); its features are cached apart (compiled kernels round differently)."""
-    if batch_size < 1:
-        raise OptionError(f"--batch-size {batch_size}: must be a positive integer")
-    if devices < 1 or num_nodes < 1:
+    extraction each rank compiles its own); its features are cached apart (compiled kernels round differently).
+
+    `channels_last` (None: on CUDA only): the memory format of the model's activations."""
+
+    batch_size: int = 16
+    device: str = "auto"
+    progress: bool = True
+    cache_dir: str | Path | None = None
+    use_cache: bool = True
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    timestep_batching: str = "auto"
+    compile: str = "auto"
+    channels_last: bool | None = None
+    max_call_rows: int | None = None
+
+
+def extract(
+    adapter: DiffusionAdapter,
+    records: Sequence[ImageRecord],
+    names: Sequence[str],
+    config: FeatureConfig | None = None,
+    seed: int = 0,
+    options: ExtractionOptions | None = None,
+    **changes: Any,
+) -> ExtractionReport:
+    """Features `names` of `records`, in their order, with cache statistics and timings.
+
+    `config` and `seed` say what the features are (they key the cache); `options` how they are computed
+    (`ExtractionOptions`); keyword `changes` replace fields of `options` (`extract(..., batch_size=8)`)."""
+    o = dataclasses.replace(options or ExtractionOptions(), **changes)
+    if o.batch_size < 1:
+        raise OptionError(f"--batch-size {o.batch_size}: must be a positive integer")
+    if o.devices < 1 or o.num_nodes < 1:
         raise OptionError("--devices and --num-nodes must be positive integers")
     config = config or FeatureConfig()
-    accelerator = resolve_device(device)
-    precision = resolve_precision(precision, accelerator)
-    batched = resolve_timestep_batching(timestep_batching, precision, accelerator)
-    if max_call_rows is not None and max_call_rows < 1:
-        raise OptionError(f"max_call_rows {max_call_rows}: must be a positive number of rows (or None)")
-    calls = ModelCalls(batched, max_call_rows)
-    compiled = resolve_compile(compile, accelerator)
-    channels_last = accelerator == "cuda" if channels_last is None else channels_last
+    accelerator = resolve_device(o.device)
+    precision = resolve_precision(o.precision, accelerator)
+    batched = resolve_timestep_batching(o.timestep_batching, precision, accelerator)
+    if o.max_call_rows is not None and o.max_call_rows < 1:
+        raise OptionError(f"max_call_rows {o.max_call_rows}: must be a positive number of rows (or None)")
+    calls = ModelCalls(batched, o.max_call_rows)
+    compiled = resolve_compile(o.compile, accelerator)
+    channels_last = accelerator == "cuda" if o.channels_last is None else o.channels_last
     names = tuple(names)
 
     scratch = None
-    if use_cache:
-        cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if o.use_cache:
+        cache_root = Path(o.cache_dir) if o.cache_dir else default_cache_dir()
     else:
         scratch = tempfile.mkdtemp(prefix="cdi-features-")
         cache_root = Path(scratch)
@@ -479,10 +494,11 @@ def extract(
         started = time.perf_counter()
         session = _session_id(todo, names, conditioning)
         with half_precision_weights(adapter, precision if todo else "32"):
-            _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
-                             num_nodes, strategy, precision, channels_last, threads, session, calls, compiled)
+            _extract_missing(adapter, todo, names, config, seed, o.batch_size, accelerator, o.progress, cache,
+                             o.devices, o.num_nodes, o.strategy, precision, channels_last, o.threads, session, calls,
+                             compiled)
         rows = cache.load(wanted, names)
-        if devices * num_nodes > 1:
+        if o.devices * o.num_nodes > 1:
             rows = _wait_for_other_ranks(cache, wanted, names, rows)
         seconds = time.perf_counter() - started
         family_seconds = cache.seconds(session) if todo else {}  # every rank's shards, every retry's
