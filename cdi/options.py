@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+#: Feature access levels: gray (outputs only) and white (also gradients through the model).
+ACCESS_LEVELS = ("gray", "white")
 #: Seeds go to scikit-learn's random_state (0 to 2**32 - 1) and into the seeded noise.
 MAX_SEED = 2**32 - 1
 

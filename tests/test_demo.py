@@ -38,8 +38,8 @@ def test_demo_members_are_detected_and_held_out_digits_are_not(suspect, expected
 
 def test_demo_audit_with_a_warm_cache_makes_no_model_pass(tmp_path, tracking_uri, monkeypatch):
     """The audit `mlflow run .` makes (the demo model, 26 features, batch 50; here on 30 members and 30
-    held-out digits to keep the test short) after the features are cached by an extraction at another batch
-    size: every image is a cache hit, the denoiser never runs."""
+    held-out digits and 200 permutations to keep the test short) after the features are cached by an
+    extraction at another batch size: every image is a cache hit, the denoiser never runs."""
     from diffusers import UNet2DModel
 
     from cdi.data import build_image_sets
@@ -56,7 +56,8 @@ def test_demo_audit_with_a_warm_cache_makes_no_model_pass(tmp_path, tracking_uri
     passes = []
     forward = UNet2DModel.forward
     monkeypatch.setattr(UNet2DModel, "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
-    result = audit(DEMO / "model", members, heldout, access="white", power_resamples=0, experiment="warm-demo",
+    result = audit(DEMO / "model", members, heldout, access="white", power_resamples=0, n_permutations=200,
+                   experiment="warm-demo",
                    extraction=ExtractionOptions(batch_size=50, cache_dir=tmp_path / "cache", progress=False))
     assert passes == []
     metrics = mlflow.MlflowClient(tracking_uri).get_run(result.run_id).data.metrics

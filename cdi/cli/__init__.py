@@ -22,17 +22,30 @@ from cdi.errors import CDIError, Interrupted
 COMMANDS = (audit, report, calibrate, search, server, verify)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand's parser, or with `only` that one's in full and the others as their names and help
+    lines (building a parser imports what its options list: the audit's imports torch, which `cdi server`
+    and `cdi report` need not wait for)."""
     parser = Parser(prog="cdi", description="Was this image set used to train this diffusion model?")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in COMMANDS:
-        command.add_parser(commands)
+        if only is None or command.NAME == only:
+            command.add_parser(commands)
+        else:
+            commands.add_parser(command.NAME, help=command.HELP)
     return parser
 
 
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` names (its first word that is not an option), if it is one."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in {command.NAME for command in COMMANDS} else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_named_command(argv)).parse_args(argv)
     if args.command != "server":  # the server becomes MLflow's process: loading torch first only costs seconds
         quiet_libraries(args.verbose)
     try:

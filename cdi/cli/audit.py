@@ -9,14 +9,16 @@ from pathlib import Path
 from cdi.cli.common import (add_access_option, add_compute_options, add_format_option, add_progress_option,
                             add_reference_option, add_tracking_options, check_output_path, set_threads, write_output)
 from cdi.options import comma_list, count, positive_int
-from cdi.stats.difficulty import DIFFICULTY_CHOICES
-from cdi.tracking import audit as audit_layout
+
+NAME, HELP = "audit", "audit a model for use of a suspect image set"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from cdi.features import FEATURE_NAMES, GRAY_BOX_FEATURES  # the families declare them
+    from cdi.stats.difficulty import DIFFICULTY_CHOICES
+    from cdi.tracking import audit as audit_layout
 
-    audit = commands.add_parser("audit", help="audit a model for use of a suspect image set")
+    audit = commands.add_parser(NAME, help=HELP)
     audit.set_defaults(run=run)
     audit.add_argument("--model", required=True, help="diffusers pipeline directory (save_pretrained output)")
     audit.add_argument("--suspect", required=True, help="folder of published images P (suspected used)")

@@ -10,9 +10,11 @@ from cdi.cli.common import (add_access_option, add_compute_options, add_progress
                             check_output_path, set_threads, write_output)
 from cdi.options import comma_list, count, positive_int
 
+NAME, HELP = "calibrate", "false-positive rate and power on known members/non-members"
+
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    calibrate = commands.add_parser("calibrate", help="false-positive rate and power on known members/non-members")
+    calibrate = commands.add_parser(NAME, help=HELP)
     calibrate.set_defaults(run=run)
     calibrate.add_argument("--model", required=True, help="diffusers pipeline directory")
     calibrate.add_argument("--members", required=True, help="folder of images the model was trained on")

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cdi.errors import Interrupted, OptionError
-from cdi.features.base import ACCESS_LEVELS
-from cdi.options import count, positive_int
+from cdi.options import ACCESS_LEVELS, count, positive_int
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from cdi.cli.common import add_format_option, add_tracking_options, check_output_path
 
+NAME, HELP = "report", "rebuild the HTML report of a past audit"
+
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    report = commands.add_parser("report", help="rebuild the HTML report of a past audit")
+    report = commands.add_parser(NAME, help=HELP)
     report.set_defaults(run=run)
     report.add_argument("run_id", help="MLflow run id of the audit")
     report.add_argument("--output", type=Path, default=None, help="HTML file (default report-<run id>.html)")

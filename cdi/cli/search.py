@@ -8,12 +8,14 @@ from pathlib import Path
 from cdi.cli.common import (add_access_option, add_compute_options, add_progress_option, add_reference_option,
                             add_tracking_options, set_threads)
 from cdi.options import comma_list, count
-from cdi.tracking import search as search_layout
+NAME, HELP = "search", "search features and scorer settings on calibration data (Optuna), export best_config.yaml"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from cdi.tracking import search as search_layout
+
     search = commands.add_parser(
-        "search", help="search features and scorer settings on calibration data (Optuna), export best_config.yaml",
+        NAME, help=HELP,
         description="Calibration data: --members/--nonmembers of a reference model (default: the demo), or "
                     "--suspect/--control with --calibration-fraction held out of an owner's P and U.")
     search.set_defaults(run=run)

@@ -6,9 +6,11 @@ import argparse
 
 from cdi.options import count, positive_int
 
+NAME, HELP = "server", "run the team's MLflow tracking server (PostgreSQL + S3)"
+
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    server = commands.add_parser("server", help="run the team's MLflow tracking server (PostgreSQL + S3)")
+    server = commands.add_parser(NAME, help=HELP)
     server.set_defaults(run=run)
     server.add_argument("--backend-store-uri", required=True,
                         help="database of runs, e.g. postgresql://cdi@db.example:5432/mlflow")

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from cdi.cli.common import add_format_option, add_reference_option, add_tracking_options
 
+NAME, HELP = "verify", "re-hash model and images against an audit's manifest"
+
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    verify = commands.add_parser("verify", help="re-hash model and images against an audit's manifest")
+    verify = commands.add_parser(NAME, help=HELP)
     verify.set_defaults(run=run)
     verify.add_argument("run_id", help="MLflow run id of the audit")
     verify.add_argument("--model", required=True, help="the audited pipeline directory")

@@ -23,7 +23,6 @@ from cdi.features.batching import UNBATCHED, ModelCalls
 from cdi.models.base import REFERENCE_TIMESTEPS as GRID_TIMESTEPS
 from cdi.models.base import DiffusionAdapter
 
-ACCESS_LEVELS = ("gray", "white")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from dataclasses import asdict, field, make_dataclass
 from typing import Any, Iterable, Sequence
 
 from cdi.errors import OptionError
-from cdi.features.base import ACCESS_LEVELS, FeatureFamily, Passes, Setting
+from cdi.features.base import FeatureFamily, Passes, Setting
+from cdi.options import ACCESS_LEVELS
 from cdi.features.denoising_loss import DenoisingLoss
 from cdi.features.gradient_masking import GradientMasking, MultipleLoss
 from cdi.features.latent_statistics import LatentStatistics
