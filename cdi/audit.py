@@ -755,7 +755,8 @@ def audit(
                     alpha=alpha, folds=folds, C=C, penalty=penalty, test=test, n_permutations=n_permutations,
                     power_resamples=power_resamples, representation=representation,
                     reference_formula=reference_formula, difficulty_calibration=difficulty_calibration)
-    plan = plan_audit(model, suspect, control, settings, extraction or ExtractionOptions(), search_config=search_config,
+    extraction = extraction or ExtractionOptions()
+    plan = plan_audit(model, suspect, control, settings, extraction, search_config=search_config,
                       allow_pickle=allow_pickle, prompt=prompt, class_label=class_label,
                       latent_sample_seed=latent_sample_seed, reference_models=reference_models, lora=lora,
                       duplicates=duplicates)

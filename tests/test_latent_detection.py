@@ -157,7 +157,8 @@ def _audit(model, suspect, control, experiment, seed: int = SEED):
     from cdi.features import ExtractionOptions
 
     return audit(model, suspect, control, access="gray", alpha=ALPHA, seed=seed, power_resamples=0,
-                 experiment=experiment, extraction=ExtractionOptions(batch_size=32, device="cpu", progress=False, use_cache=False))
+                 experiment=experiment,
+                 extraction=ExtractionOptions(batch_size=32, device="cpu", progress=False, use_cache=False))
 
 
 def test_audit_detects_the_members_of_an_overfit_latent_model(overfit_dit, tracking_uri):

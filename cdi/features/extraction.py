@@ -15,7 +15,6 @@ How work is laid out, so that results never depend on how they were computed:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import hashlib
 import logging
@@ -29,7 +28,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -451,7 +450,7 @@ def extract(
 
     `config` and `seed` say what the features are (they key the cache); `options` how they are computed
     (`ExtractionOptions`); keyword `changes` replace fields of `options` (`extract(..., batch_size=8)`)."""
-    o = dataclasses.replace(options or ExtractionOptions(), **changes)
+    o = replace(options or ExtractionOptions(), **changes)
     if o.batch_size < 1:
         raise OptionError(f"--batch-size {o.batch_size}: must be a positive integer")
     if o.devices < 1 or o.num_nodes < 1:
