@@ -4,8 +4,10 @@ For each model (the 0.69 M-parameter 16x16 one-channel demo DDPM, the DDPM-CIFAR
 precision (32, bf16), with the same images, batch size and one thread:
 
 - `extract` of all 26 features, timestep batching off (today's calls) and on (`--timestep-batching on`);
-- the same with a reference model: target then reference, as `cdi audit --reference-model` extracts
-  (a second model of the same shape, weights perturbed), reported as the ratio to the plain extraction;
+- the same with a reference model (a second model of the same shape, weights perturbed), as `cdi audit
+  --reference-model` extracts: both models in one engine pass (`extract_models`: each batch decoded and
+  noised once, one Trainer), reported as the ratio to the plain extraction; and, as `separate`, the two
+  models' own passes one after the other (the way before the shared pass), with the ratio shared/separate;
 - the naive per-family baseline of `benchmarks/extraction.py` (the research code's passes, weights
   trainable, float32), once per model;
 - model calls and rows per image counted by a forward hook on the denoiser;
@@ -24,6 +26,8 @@ precision and batching mode); `--precisions 32` keeps to float32; `--device cuda
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import statistics
@@ -42,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import extraction as bench  # noqa: E402  (benchmarks/extraction.py: models, naive baseline, pass counter)
 
 from cdi import tracking  # noqa: E402
-from cdi.features import FEATURE_NAMES, extract  # noqa: E402
+from cdi.features import FEATURE_NAMES, extract, extract_models  # noqa: E402
 from cdi.models import DiffusionAdapter, load_model  # noqa: E402
 
 EXPERIMENT = bench.EXPERIMENT
@@ -51,8 +55,11 @@ MODES = ("off", "on")
 
 
 def reference_of(path: Path, seed: int) -> DiffusionAdapter:
-    """A second model of the same shape: the target's weights plus 1 % seeded noise (its cost is the target's)."""
+    """A second model of the same shape: the target's weights plus 1 % seeded noise (its cost is the target's),
+    under a fingerprint of its own, as every real reference has (its rows must not be read from the target's)."""
     adapter = load_model(path)
+    own = hashlib.sha256(f"{adapter.info.fingerprint}/perturbed/{seed + 1}".encode()).hexdigest()
+    adapter.info = dataclasses.replace(adapter.info, fingerprint=own)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for parameter in adapter.denoiser.parameters():
@@ -80,17 +87,22 @@ class CallCounter:
 
 
 def run_extract(adapters: Sequence[DiffusionAdapter], records, args, precision: str, mode: str,
-                compile: str = "off") -> dict:
-    """Every adapter's 26 features (target, then references), timed by CPU and wall clock."""
+                compile: str = "off", shared: bool = True) -> dict:
+    """Every adapter's 26 features, timed by CPU and wall clock: in one engine pass (`shared`, as audits extract
+    a target and its references) or one `extract` per adapter."""
     options = dict(seed=args.seed, batch_size=args.batch_size, device=args.device, progress=False, use_cache=False,
                    precision=precision, threads=args.threads, timestep_batching=mode, compile=compile)
     counter = CallCounter(adapters[0].denoiser)
     cpu, wall = time.process_time(), time.perf_counter()
     try:
-        values = [extract(adapter, list(records), FEATURE_NAMES, **options).values for adapter in adapters]
+        if shared:
+            values = [report.values for report in extract_models(adapters, list(records), FEATURE_NAMES, **options)]
+        else:
+            values = [extract(adapter, list(records), FEATURE_NAMES, **options).values for adapter in adapters]
     finally:
         counter.remove()
     return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "values": values[0],
+            "reference_values": values[1] if len(values) > 1 else None,
             "calls": counter.calls, "rows": counter.rows}
 
 
@@ -113,7 +125,7 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
                 warmup[f"{precision}/{mode}"] = {"cpu_s": result["cpu"], "wall_s": result["wall"]}
                 print(f"{name}: compile warm-up {precision}/{mode}: {result['cpu']:.1f} CPU-s, {result['wall']:.1f} s",
                       file=sys.stderr)
-    kinds = ("plain", "reference", *(("compiled",) if args.compile else ()))
+    kinds = ("plain", "reference", "separate", *(("compiled",) if args.compile else ()))
     runs: dict[str, list[dict]] = {}
     naive_runs = []
     for repeat in range(args.repeats):
@@ -121,9 +133,9 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
             for mode in MODES:
                 for kind in kinds:
                     key = f"{precision}/{mode}/{kind}"
-                    adapters = [target, reference] if kind == "reference" else [target]
+                    adapters = [target, reference] if kind in ("reference", "separate") else [target]
                     result = run_extract(adapters, records, args, precision, mode,
-                                         "on" if kind == "compiled" else "off")
+                                         "on" if kind == "compiled" else "off", shared=kind != "separate")
                     runs.setdefault(key, []).append(result)
                     print(f"{name}: {key}: {result['cpu'] / n:.4f} CPU-s/image (repeat {repeat + 1})", file=sys.stderr)
         if not args.no_naive:
@@ -150,6 +162,8 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
             "speedup_of_batching": per_image(f"{precision}/off/{kind}") / per_image(key),
             "speedup_of_compile": per_image(f"{precision}/{mode}/plain") / per_image(key),
             "reference_over_plain": per_image(f"{precision}/{mode}/reference") / per_image(f"{precision}/{mode}/plain"),
+            "separate_over_plain": per_image(f"{precision}/{mode}/separate") / per_image(f"{precision}/{mode}/plain"),
+            "shared_over_separate": per_image(f"{precision}/{mode}/reference") / per_image(f"{precision}/{mode}/separate"),
             "model_calls_per_image": {k: v / n for k, v in first["calls"].items()},
             "rows_per_image": {k: v / n for k, v in first["rows"].items()},
         }
@@ -164,6 +178,12 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
             precision: relative_difference(runs[f"{precision}/on/plain"][0]["values"],
                                            runs[f"{precision}/off/plain"][0]["values"])
             for precision in PRECISIONS
+        },
+        "shared_equals_separate": {  # both models' features, bit for bit
+            f"{precision}/{mode}": bool(all(np.array_equal(runs[f"{precision}/{mode}/reference"][0][k],
+                                                           runs[f"{precision}/{mode}/separate"][0][k])
+                                            for k in ("values", "reference_values")))
+            for precision in PRECISIONS for mode in MODES
         },
         "compile_warmup": warmup,
         "compiled_vs_eager_max_rel_diff": {
@@ -194,12 +214,16 @@ def print_table(results: dict) -> None:
         print(f"\n{name}: {entry['n_images']} images {entry['image_shape']}, {entry['parameters'] / 1e6:.2f} M params; "
               f"baseline (32, unbatched, plain) {entry['baseline_cpu_s_per_image']:.4f} s/image")
         print(f"  {'precision/batching/model':<26}{'s/image':>9}{'x base':>8}{'batch x':>9}{'ref/plain':>10}"
-              f"{'calls/img':>10}{'vs naive':>10}")
+              f"{'shared/sep':>11}{'calls/img':>10}{'vs naive':>10}")
         for key, row in entry["runs"].items():
             calls = sum(row["model_calls_per_image"].values())
             naive = entry.get("naive", {}).get("speedup_vs_naive", {}).get(key, float("nan"))
             print(f"  {key:<26}{row['cpu_s_per_image']:>9.4f}{row['ratio_to_baseline']:>8.3f}"
-                  f"{row['speedup_of_batching']:>9.3f}{row['reference_over_plain']:>10.3f}{calls:>10.2f}{naive:>10.3f}")
+                  f"{row['speedup_of_batching']:>9.3f}{row['reference_over_plain']:>10.3f}{row['shared_over_separate']:>11.3f}"
+                  f"{calls:>10.2f}{naive:>10.3f}")
+        same = entry["shared_equals_separate"]
+        print(f"  one pass over target and reference vs their own passes: features bit-identical in "
+              f"{sum(same.values())}/{len(same)} precision/batching settings")
         if "naive" in entry:
             print(f"  naive (research code's passes, float32): {entry['naive']['cpu_s_per_image']:.4f} s/image")
         for precision, diffs in entry["batched_vs_unbatched_max_rel_diff"].items():

@@ -21,7 +21,7 @@ from cdi.data import (
     printable_path,
 )
 from cdi.errors import OptionError
-from cdi.features import FeatureConfig, extract, resolve_features
+from cdi.features import FeatureConfig, extract, extract_models, resolve_features
 from cdi.features.extraction import ExtractionOptions, worker_rank
 from cdi.features.latent_statistics import latent_statistic_names
 from cdi.manifest import build_manifest, image_entries, image_metadata
@@ -537,15 +537,13 @@ class Extracted:
 
 
 def extract_step(plan: AuditPlan) -> Extracted:
-    """Every feature on the target, then on each reference with the same records, names, config and seed,
-    so every noise draw equals the target's (common random numbers)."""
+    """Every feature on the target and on each reference with the same records, names, config and seed, so every
+    noise draw equals the target's (common random numbers): one engine pass for all of them where they lack the
+    same images (`extract_models`)."""
     s, x = plan.settings, plan.extraction
-
-    def run(adapter: Any, show_progress: bool) -> Any:
-        return extract(adapter, plan.records, s.names, s.feature_config, s.seed, x, progress=show_progress)
-
     show = x.progress and worker_rank() == 0
-    target, references = run(plan.adapter, show), [run(reference, show) for reference in plan.references]
+    target, *references = extract_models([plan.adapter, *plan.references], plan.records, s.names, s.feature_config,
+                                         s.seed, x, progress=show)
     latents = None
     if plan.adapter.info.family != "pixel_unet":  # the encoder's view of each image, for the shift guard
         latents = extract(plan.adapter, plan.records, latent_statistic_names(plan.adapter.latent_channels),

@@ -100,3 +100,19 @@ def tracking_uri(_tracking_db, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return uri
+
+
+@pytest.fixture
+def engine_passes(monkeypatch) -> list[tuple[int, int]]:
+    """(models, images) of each engine pass, i.e. each Trainer run (`cdi.features.extraction._predict`)."""
+    from cdi.features import extraction
+
+    passes: list[tuple[int, int]] = []
+    predict = extraction._predict
+
+    def counting(members, todo, *args, **kwargs):
+        passes.append((len(members), len(todo)))
+        return predict(members, todo, *args, **kwargs)
+
+    monkeypatch.setattr(extraction, "_predict", counting)
+    return passes

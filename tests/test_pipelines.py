@@ -27,22 +27,6 @@ OWNER_STEPS = ["calibrate", "search", "audit", "report"]
 
 
 @pytest.fixture
-def model_passes(monkeypatch) -> list[int]:
-    """One entry per batch of images sent through a model (cdi.features.extraction._predict)."""
-    from cdi.features import extraction
-
-    calls: list[int] = []
-    predict = extraction._predict
-
-    def counting(adapter, todo, *args, **kwargs):
-        calls.append(len(todo))
-        return predict(adapter, todo, *args, **kwargs)
-
-    monkeypatch.setattr(extraction, "_predict", counting)
-    return calls
-
-
-@pytest.fixture
 def code(monkeypatch) -> dict[str, str]:
     """A fixed code version (set `code["version"]` to change it): the sources of this checkout may change while
     the tests run; how the version is derived is tested on its own below."""
@@ -70,7 +54,7 @@ def _all_runs(client, experiment_id: str) -> list:
 
 
 def test_owner_audit_runs_each_step_once_reuses_it_and_reruns_from_a_changed_parameter(
-        tiny_model, image_sets, reference_data, tracking_uri, tmp_path, model_passes, code):
+        tiny_model, image_sets, reference_data, tracking_uri, tmp_path, engine_passes, code):
     tiny = {"access": "gray", "n_trials": 3, "n": 8, "search_resamples": 2, "null_audits": 2,
             "calibration_resamples": 2, "calibration_permutations": 19, "permutations": 100, "power_resamples": 2,
             "seed": 0}
@@ -93,7 +77,7 @@ def test_owner_audit_runs_each_step_once_reuses_it_and_reruns_from_a_changed_par
     ids = {run.data.tags["cdi.pipeline.step"]: run.info.run_id for run in children}
     assert [(s.name, s.run_id, s.reused) for s in first.steps] == [(name, ids[name], False) for name in OWNER_STEPS]
     assert {f"cdi.pipeline.run.{name}": ids[name] for name in OWNER_STEPS}.items() <= parent.data.tags.items()
-    assert model_passes, "the first run computes features"
+    assert engine_passes, "the first run computes features"
 
     # Each step consumed the one before: the search ran on the calibration step's reference data, the audit
     # took the search's configuration, and the report copied the audit's page.
@@ -110,14 +94,14 @@ def test_owner_audit_runs_each_step_once_reuses_it_and_reruns_from_a_changed_par
 
     # The same command again, through the command line: every step reused, no model pass, no new step run.
     runs_before = len(_all_runs(client, experiment_id))
-    passes_before = len(model_passes)
+    passes_before = len(engine_passes)
     report, output = tmp_path / "report.html", tmp_path / "result.json"
     argv = [str(tiny_model), str(image_sets[0]), str(image_sets[1]), str(reference_data["reference_model"]),
             str(reference_data["members"]), str(reference_data["nonmembers"])]
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in {**tiny, **where}.items()]
     assert owner.main([*(f"--{name.replace('_', '-')}={path}" for name, path in zip(owner.SET_OPTIONS, argv)),
                        *flags, "--no-progress", f"--report={report}", f"--output={output}"]) == 0
-    assert len(model_passes) == passes_before
+    assert len(engine_passes) == passes_before
     second = json.loads(output.read_text())
     assert [(s["step"], s["run_id"], s["reused"]) for s in second["steps"]] == [(n, ids[n], True) for n in OWNER_STEPS]
     assert len(_all_runs(client, experiment_id)) == runs_before + 1  # the new parent only
@@ -187,7 +171,7 @@ def test_demo_sets_split_the_demo_into_disjoint_calibration_and_audit_halves(tmp
     assert owner.demo_sets(tmp_path) == sets and len(list(tmp_path.iterdir())) == 1  # made once
 
 
-def test_demo_chain_trains_once_and_reuses_the_target(tracking_uri, tmp_path, model_passes, code):
+def test_demo_chain_trains_once_and_reuses_the_target(tracking_uri, tmp_path, engine_passes, code):
     tiny = {"n_members": 20, "n_heldout": 20, "steps": 3, "train_batch_size": 10, "access": "gray",
             "permutations": 100, "power_resamples": 2}
     where = {"experiment": "pipeline-demo", "tracking_uri": tracking_uri, "cache_dir": tmp_path / "cache",
@@ -206,11 +190,11 @@ def test_demo_chain_trains_once_and_reuses_the_target(tracking_uri, tmp_path, mo
     assert audited.data.params["model_path"] == str((first.folder / "model").resolve())
     fingerprint = steps.model_digest(first.folder / "model")
 
-    runs_before, passes_before = len(_all_runs(client, experiment_id)), len(model_passes)
+    runs_before, passes_before = len(_all_runs(client, experiment_id)), len(engine_passes)
     second = demo_chain(**tiny, run=steps.RunOptions(**where))
     assert [(s.name, s.run_id, s.reused) for s in second.steps] == [
         ("train", train.info.run_id, True), ("audit", audited.info.run_id, True)]
-    assert len(model_passes) == passes_before and len(_all_runs(client, experiment_id)) == runs_before + 1
+    assert len(engine_passes) == passes_before and len(_all_runs(client, experiment_id)) == runs_before + 1
 
     # The trained folder is gone and an audit parameter changed: the target comes back from the train run's
     # artifact (no training), and only the audit re-runs.

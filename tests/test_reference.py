@@ -35,11 +35,13 @@ def twin_of_tiny_model(tiny_model, tmp_path_factory):
     return twin
 
 
-def test_same_seeded_noise_on_target_and_reference(tiny_model, twin_of_tiny_model, image_sets, tracking_uri, tmp_path):
+def test_same_seeded_noise_on_target_and_reference(tiny_model, twin_of_tiny_model, image_sets, tracking_uri, tmp_path,
+                                                   engine_passes):
     """Common random numbers: a reference with the target's weights calibrates every feature to exactly zero,
     which holds only if every noise draw of every feature was the same on both models."""
     result = audit(tiny_model, *image_sets, reference_models=[twin_of_tiny_model], difficulty_calibration="off",
                    **fast(tmp_path))
+    assert engine_passes == [(2, 24)]  # target and reference in one engine pass over the 24 images
     table = _table(result)
     names = result.features
     calibrated = table[[f"{n}-ref" for n in names]].to_numpy()

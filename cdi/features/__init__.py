@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, Setting
-from cdi.features.extraction import ExtractionOptions, ExtractionReport, FeatureExtractor, extract
+from cdi.features.extraction import ExtractionOptions, ExtractionReport, FeatureExtractor, extract, extract_models
 from cdi.features.registry import (
     FAMILIES,
     FEATURE_NAMES,
@@ -31,6 +31,7 @@ __all__ = [
     "Passes",
     "Setting",
     "extract",
+    "extract_models",
     "features_for_access",
     "features_reading",
     "passes_per_image",

@@ -20,6 +20,7 @@ import torch
 
 from cdi.errors import OptionError
 from cdi.features.batching import UNBATCHED, ModelCalls
+from cdi.features.seeded_noise import image_noise
 from cdi.models.base import REFERENCE_TIMESTEPS as GRID_TIMESTEPS
 from cdi.models.base import DiffusionAdapter
 
@@ -140,7 +141,22 @@ class FeatureBatch:
     seed: int
     #: How a family makes its several same-shaped model calls (`cdi.features.batching`): unbatched by default.
     calls: ModelCalls = field(default=UNBATCHED, repr=False)
+    #: Seeded noise already drawn for this batch's images, by (feature, t, draw, shape, dtype, device): shared
+    #: by every family of the batch and, in a pass over several models, by every model (common random numbers).
+    noise_drawn: dict | None = field(default=None, repr=False)
     _clean_eps: torch.Tensor | None = field(default=None, repr=False)
+
+    def noise(self, like: torch.Tensor, feature: str, t: int | str = "-", draw: int = 0) -> torch.Tensor:
+        """`cdi.features.seeded_noise.image_noise` of this batch's images, drawn once per batch (and pass): a
+        fresh copy each call, so a family may change it in place. The same bits as drawing it anew."""
+        if self.noise_drawn is None:
+            return image_noise(like, self.sha256, self.seed, feature, t, draw)
+        key = (feature, t, draw, tuple(like.shape), like.dtype, like.device)
+        with torch.inference_mode(False):  # a plain tensor, usable by gradient families after gray ones
+            drawn = self.noise_drawn.get(key)
+            if drawn is None:
+                drawn = self.noise_drawn[key] = image_noise(like, self.sha256, self.seed, feature, t, draw)
+            return drawn.clone()
 
     def clean_eps(self, adapter: DiffusionAdapter) -> torch.Tensor:
         """eps_hat(z0, 0, c), computed once per batch: PIA's eps0 and the first call of SecMI's DDIM

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, count, l2, timestep
-from cdi.features.seeded_noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
 
@@ -17,7 +16,7 @@ class DenoisingLoss(FeatureFamily):
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         t = adapter.timestep(self.config.dl_t)
-        draws = [image_noise(batch.z0, batch.sha256, batch.seed, "DL", self.config.dl_t, draw)
+        draws = [batch.noise(batch.z0, "DL", self.config.dl_t, draw)
                  for draw in range(self.config.dl_draws)]
         # One call per draw, or fewer larger ones with timestep batching (`batch.calls`); summed in draw order.
         predictions = batch.calls.eps_hat(adapter, [adapter.q(batch.z0, t, eps) for eps in draws],

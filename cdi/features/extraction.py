@@ -76,15 +76,20 @@ class RankBatchSampler(torch.utils.data.Sampler):
 
 
 class FeatureExtractor(L.LightningModule):
-    """`predict_step` computes the requested features of a batch and stores them in the cache."""
+    """`predict_step` computes the requested features of a batch on every model it holds (a target and its
+    references) and stores each model's rows in that model's cache.
+
+    The models of one pass share what is the same for all of them: the decoded batch, its encoding where their
+    encoders are the same (`DiffusionAdapter.encoder_identity`), every seeded noise draw (`FeatureBatch.noise`),
+    the batch plan and the cache write; each model's features are the bits a pass of its own gives."""
 
     def __init__(
         self,
-        adapter: DiffusionAdapter,
+        adapter: DiffusionAdapter | Sequence[DiffusionAdapter],
         names: Sequence[str],
         config: FeatureConfig,
         seed: int,
-        cache_root: str | None = None,
+        cache_root: str | Sequence[str] | None = None,
         precision: str = "32",
         channels_last: bool = False,
         session: str = "",
@@ -93,11 +98,15 @@ class FeatureExtractor(L.LightningModule):
         compiled: bool = False,
     ) -> None:
         super().__init__()
-        self.adapter = adapter
+        adapters = [adapter] if isinstance(adapter, DiffusionAdapter) else list(adapter)
+        self.models = torch.nn.ModuleList(adapters)
+        roots = list(cache_root) if isinstance(cache_root, (list, tuple)) else [cache_root] * len(adapters)
+        if len(roots) != len(adapters):
+            raise ValueError(f"{len(adapters)} models but {len(roots)} cache roots")
+        self.cache_roots = roots
         self.names = tuple(names)
         self.config = config
         self.seed = int(seed)
-        self.cache_root = cache_root
         self.precision = precision
         self.channels_last = channels_last
         self.session = session
@@ -107,15 +116,22 @@ class FeatureExtractor(L.LightningModule):
         self._compiling: contextlib.ExitStack | None = None
         self.families = plan_families(self.names, config)
 
+    @property
+    def adapter(self) -> DiffusionAdapter:
+        """The first model (the target)."""
+        return self.models[0]
+
     def on_predict_start(self) -> None:
         self._threads_before = torch.get_num_threads()
         if self.threads:  # Lightning's CPU DDP picks its own count; kernels (and bits) depend on it
             torch.set_num_threads(self.threads)
-        if self.channels_last:
-            self.adapter.to(memory_format=torch.channels_last)
+        for adapter in self.models:
+            if self.channels_last:
+                adapter.to(memory_format=torch.channels_last)
         if self.compiled:  # in the rank's own process (ddp_spawn pickles the module: compile after the spawn)
             self._compiling = contextlib.ExitStack()
-            self._compiling.enter_context(compiled_denoiser(self.adapter, True))
+            for adapter in self.models:
+                self._compiling.enter_context(compiled_denoiser(adapter, True))
 
     def teardown(self, stage: str) -> None:
         if self._compiling is not None:  # also after a failed batch: the eager forward is back
@@ -124,8 +140,9 @@ class FeatureExtractor(L.LightningModule):
 
     def on_predict_end(self) -> None:
         torch.set_num_threads(self._threads_before)
-        if self.channels_last:  # hand the model back in the layout it came in
-            self.adapter.to(memory_format=torch.contiguous_format)
+        if self.channels_last:  # hand the models back in the layout they came in
+            for adapter in self.models:
+                adapter.to(memory_format=torch.contiguous_format)
         if self.trainer.world_size > 1:  # rank 0 reads every rank's shards next: wait until all are written
             _wait_for_every_rank(self.trainer, "cdi-shards-written")
 
@@ -136,43 +153,58 @@ class FeatureExtractor(L.LightningModule):
         return contextlib.nullcontext()
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Features (B, len(names)) in float32 and the seconds spent per family."""
+        """The first model's features (B, len(names)) in float32 and the seconds spent per family."""
+        return self.compute_all(batch)[0]
+
+    def compute_all(self, batch: dict) -> list[tuple[torch.Tensor, dict[str, float]]]:
+        """Per model, in order: its features (B, len(names)) in float32 and the seconds spent per family."""
         labels, captions = _conditioning(batch)
         images = batch["image"]
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        seconds: dict[str, float] = {}
+        noise: dict = {}  # every model and family of this batch draws each seeded noise tensor once
+        encoded: dict = {}  # encoder identity -> z0
+        out = []
         with self._autocast():
-            started = time.perf_counter()
-            with torch.no_grad():
-                z0 = self.adapter.encode(images).float()
-            seconds["encode"] = time.perf_counter() - started
-            features = FeatureBatch(
-                z0=z0.detach(), cond=self.adapter.condition(labels, captions), sha256=list(batch["sha256"]),
-                seed=self.seed, calls=self.calls,
-            )
-            values: dict[str, torch.Tensor] = {}
-            for family in self.families:
+            for adapter in self.models:
+                seconds: dict[str, float] = {}
                 started = time.perf_counter()
-                # Gradient-free families run under inference mode; GM and NO need autograd.
-                mode = torch.inference_mode() if family.access == "gray" else contextlib.nullcontext()
-                with mode:
-                    values.update(family.compute(self.adapter, features).values)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds[type(family).__name__] = time.perf_counter() - started
-        matrix = torch.stack([values[name].float() for name in self.names], dim=1).detach()
-        return matrix, seconds
+                identity = adapter.encoder_identity()
+                if identity is not None and identity in encoded:
+                    z0 = encoded[identity].clone()
+                else:
+                    with torch.no_grad():
+                        z0 = adapter.encode(images).float()
+                    if identity is not None:
+                        encoded[identity] = z0.detach().clone()
+                seconds["encode"] = time.perf_counter() - started
+                features = FeatureBatch(
+                    z0=z0.detach(), cond=adapter.condition(labels, captions), sha256=list(batch["sha256"]),
+                    seed=self.seed, calls=self.calls, noise_drawn=noise,
+                )
+                values: dict[str, torch.Tensor] = {}
+                for family in self.families:
+                    started = time.perf_counter()
+                    # Gradient-free families run under inference mode; GM and NO need autograd.
+                    mode = torch.inference_mode() if family.access == "gray" else contextlib.nullcontext()
+                    with mode:
+                        values.update(family.compute(adapter, features).values)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds[type(family).__name__] = time.perf_counter() - started
+                out.append((torch.stack([values[name].float() for name in self.names], dim=1).detach(), seconds))
+        return out
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        matrix, seconds = self.compute(batch)
-        values = matrix.cpu().numpy()
-        if self.cache_root is not None:
-            conditioning = self.adapter.info.conditioning
+        computed = self.compute_all(batch)  # every model's rows, then the writes: a failed batch writes none
+        for adapter, root, (matrix, seconds) in zip(self.models, self.cache_roots, computed):
+            if root is None:
+                continue
+            conditioning = adapter.info.conditioning
             keys = [row_key(digest, conditioning, label, caption)
                     for digest, label, caption in zip(batch["sha256"], *_conditioning(batch))]
-            FeatureCache(Path(self.cache_root)).write(batch["sha256"], self.names, values, seconds,
-                                                      f"{self.session}r{self.global_rank}-", keys)
+            FeatureCache(Path(root)).write(batch["sha256"], self.names, matrix.cpu().numpy(), seconds,
+                                           f"{self.session}r{self.global_rank}-", keys)
         return {"n": len(batch["sha256"])}
 
 
@@ -450,6 +482,40 @@ def extract(
 
     `config` and `seed` say what the features are (they key the cache); `options` how they are computed
     (`ExtractionOptions`); keyword `changes` replace fields of `options` (`extract(..., batch_size=8)`)."""
+    return extract_models([adapter], records, names, config, seed, options, **changes)[0]
+
+
+@dataclass
+class _Model:
+    """One model of an `extract_models` call: its cache and which of the wanted rows it lacks."""
+
+    adapter: DiffusionAdapter
+    cache: FeatureCache
+    keys: list[str]  # per record
+    wanted: list[str]  # the distinct rows, in batch-plan order
+    unique: list[tuple[str, ImageRecord]]
+    hits: int = 0
+    todo: list[ImageRecord] = field(default_factory=list)
+    session: str = ""
+    seconds: float = 0.0
+
+
+def extract_models(
+    adapters: Sequence[DiffusionAdapter],
+    records: Sequence[ImageRecord],
+    names: Sequence[str],
+    config: FeatureConfig | None = None,
+    seed: int = 0,
+    options: ExtractionOptions | None = None,
+    **changes: Any,
+) -> list[ExtractionReport]:
+    """`extract` on several models with the same records, names, config and seed (a target and its reference
+    models: every noise draw is the same on all of them), one report per model, in order.
+
+    Models that lack the same images (the usual case: none cached, or all) share one engine pass, whose batches
+    are decoded, encoded (where the encoders are the same) and noised once for all of them; each model's
+    features are the bits `extract` alone gives it, cached under its own fingerprint. A shared pass's wall time
+    is split between its models in proportion to their compute time (`ExtractionReport.seconds`)."""
     o = replace(options or ExtractionOptions(), **changes)
     if o.batch_size < 1:
         raise OptionError(f"--batch-size {o.batch_size}: must be a positive integer")
@@ -479,43 +545,84 @@ def extract(
         key = {**key, "timestep_batching": "on"}
     if compiled:  # fused kernels round differently in the last bits (float32: measured in benchmarks/README.md)
         key = {**key, "compile": "on"}
-    cache = FeatureCache.open(cache_root, adapter.info.fingerprint, key, seed)
-    conditioning = adapter.info.conditioning
-    keys = [_row_key(record, conditioning) for record in records]
+    models = []
     try:
-        # One row per (image, conditioning): the same image under two labels is computed twice. Sorted by
-        # sha256 first, so unconditioned batches are composed exactly as when the key was the sha256.
-        unique = sorted(dict(zip(keys, records)).items(), key=lambda item: (item[1].sha256, item[0]))
-        wanted = [key for key, _ in unique]
-        cached = cache.load(wanted, names)
-        todo = [record for key, record in unique if key not in cached]
-        log.info("feature cache %s: %d hit(s), %d miss(es)", cache.root, len(unique) - len(todo), len(todo))
-        started = time.perf_counter()
-        session = _session_id(todo, names, conditioning)
-        with half_precision_weights(adapter, precision if todo else "32"):
-            _extract_missing(adapter, todo, names, config, seed, o.batch_size, accelerator, o.progress, cache,
-                             o.devices, o.num_nodes, o.strategy, precision, channels_last, o.threads, session, calls,
-                             compiled)
-        rows = cache.load(wanted, names)
-        if o.devices * o.num_nodes > 1:
-            rows = _wait_for_other_ranks(cache, wanted, names, rows)
-        seconds = time.perf_counter() - started
-        family_seconds = cache.seconds(session) if todo else {}  # every rank's shards, every retry's
+        for i, adapter in enumerate(adapters):
+            conditioning = adapter.info.conditioning
+            # Without the cache every model computes every row, even two models of one fingerprint.
+            root = cache_root if o.use_cache else cache_root / str(i)
+            keys = [_row_key(record, conditioning) for record in records]
+            # One row per (image, conditioning): the same image under two labels is computed twice. Sorted by
+            # sha256 first, so unconditioned batches are composed exactly as when the key was the sha256.
+            unique = sorted(dict(zip(keys, records)).items(), key=lambda item: (item[1].sha256, item[0]))
+            model = _Model(adapter, FeatureCache.open(root, adapter.info.fingerprint, key, seed), keys,
+                           [row for row, _ in unique], unique)
+            model.hits = len(model.cache.load(model.wanted, names))
+            models.append(model)
+        pending = list(models)
+        while pending:  # one engine pass per set of models that lack the same rows
+            for model in pending:  # as of now: an earlier pass may have filled a cache they share
+                cached = model.cache.load(model.wanted, names)
+                model.todo = [record for row, record in model.unique if row not in cached]
+                log.info("feature cache %s: %d hit(s), %d miss(es)", model.cache.root,
+                         len(model.unique) - len(model.todo), len(model.todo))
+            group: list[_Model] = []
+            for model in pending:  # never two models of one cache (the same fingerprint) in one pass
+                if (not group or _rows(model) == _rows(group[0])) and all(
+                        m.cache.root != model.cache.root for m in group):
+                    group.append(model)
+            pending = [model for model in pending if model not in group]
+            _pass(group, names, config, seed, o, accelerator, precision, channels_last, calls, compiled)
+        reports = []
+        for model in models:
+            rows = model.cache.load(model.wanted, names)
+            if o.devices * o.num_nodes > 1:
+                rows = _wait_for_other_ranks(model.cache, model.wanted, names, rows)
+            missing = [record for record, row in zip(records, model.keys) if row not in rows]
+            if missing:
+                raise FeatureError(f"{missing[0].path}: no features were produced ({len(missing)} image(s)); "
+                                   "rerun to resume")
+            values = np.stack([rows[row] for row in model.keys])
+            _check_finite(values, records, model.keys, names, model.cache, precision)
+            reports.append(ExtractionReport(
+                values=values, cache_hits=model.hits, cache_misses=len(model.unique) - model.hits,
+                seconds=model.seconds,
+                family_seconds=model.cache.seconds(model.session) if model.todo else {},  # every rank's, retry's
+            ))
+        return reports
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    missing = [record for record, key in zip(records, keys) if key not in rows]
-    if missing:
-        raise FeatureError(f"{missing[0].path}: no features were produced ({len(missing)} image(s)); rerun to resume")
-    values = np.stack([rows[key] for key in keys])
-    _check_finite(values, records, keys, names, cache, precision)
-    return ExtractionReport(
-        values=values,
-        cache_hits=len(cached),
-        cache_misses=len(unique) - len(cached),
-        seconds=seconds,
-        family_seconds=family_seconds,
-    )
+
+
+def _rows(model: _Model) -> list[str]:
+    conditioning = model.adapter.info.conditioning
+    return [_row_key(record, conditioning) for record in model.todo]
+
+
+def _pass(group: list[_Model], names, config, seed, o: ExtractionOptions, accelerator, precision, channels_last,
+          calls, compiled) -> None:
+    """One engine pass of `group`'s models over their (equal) missing rows; its wall time is split between the
+    models by their compute time."""
+    started = time.perf_counter()
+    todo = group[0].todo
+    session = _session_id(todo, names, group[0].adapter.info.conditioning)
+    with contextlib.ExitStack() as stack:
+        for model in group:
+            model.session = session
+            stack.enter_context(half_precision_weights(model.adapter, precision if todo else "32"))
+        if todo:
+            _extract_missing([(m.adapter, m.cache) for m in group], todo, names, config, seed, o.batch_size,
+                             accelerator, o.progress, o.devices, o.num_nodes, o.strategy, precision, channels_last,
+                             o.threads, session, calls, compiled)
+    if todo and o.devices * o.num_nodes > 1:  # the pass ends when every rank's rows can be read
+        for model in group:
+            _wait_for_other_ranks(model.cache, model.wanted, names, model.cache.load(model.wanted, names))
+    wall = time.perf_counter() - started
+    compute = [sum(model.cache.seconds(session).values()) if todo else 0.0 for model in group]
+    total = sum(compute)
+    for model, own in zip(group, compute):
+        model.seconds = wall * own / total if total > 0 else wall / len(group)
 
 
 def worker_rank() -> int:
@@ -571,16 +678,27 @@ def _session_id(todo: Sequence[ImageRecord], names: Sequence[str], conditioning:
     return f"{digest[:12]}-"
 
 
-def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
+def _finished(members, todo, names) -> set[str]:
+    """The rows of `todo` every member's cache holds."""
+    done = None
+    for adapter, cache in members:
+        conditioning = adapter.info.conditioning
+        rows = cache.load([_row_key(r, conditioning) for r in todo], names)
+        done = set(rows) if done is None else done & set(rows)
+    return done or set()
+
+
+def _extract_missing(members, todo, names, config, seed, batch_size, accelerator, progress, devices, num_nodes,
                      strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED,
                      compiled: bool = False) -> None:
-    """Extract `todo` into the cache; out of memory: with timestep batching, halve the rows per model call
-    (down to the batch size), else halve the batch, and go on with the unfinished images.
+    """Extract `todo` into each member's cache (`members`: (adapter, cache) pairs, one pass for all); out of
+    memory: with timestep batching, halve the rows per model call (down to the batch size), else halve the
+    batch, and go on with the images some member still lacks.
     Only out-of-memory errors are retried: Interrupted and every other error propagate."""
-    conditioning = adapter.info.conditioning
+    conditioning = members[0][0].info.conditioning
     while todo:
         try:
-            _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices,
+            _predict(members, todo, names, config, seed, batch_size, accelerator, progress, devices,
                      num_nodes, strategy, precision, channels_last, threads, session, calls, compiled)
             return
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
@@ -593,11 +711,11 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
                             "finished batches are kept)", calls.max_rows)
                 if accelerator == "cuda":
                     torch.cuda.empty_cache()
-                done = cache.load([_row_key(r, conditioning) for r in todo], names)
+                done = _finished(members, todo, names)
                 todo = [r for r in todo if _row_key(r, conditioning) not in done]
                 continue
             if batch_size == 1:
-                finished = len(cache.load([_row_key(r, conditioning) for r in todo], names))
+                finished = len(_finished(members, todo, names))
                 raise FeatureError(
                     f"--batch-size: out of memory on {accelerator} even for one image; use a device with more "
                     f"memory, --precision bf16, or fewer features (--access gray); the {finished} image(s) "
@@ -607,20 +725,22 @@ def _extract_missing(adapter, todo, names, config, seed, batch_size, accelerator
             log.warning("out of memory: retrying with batch size %d (finished batches are kept)", batch_size)
             if accelerator == "cuda":
                 torch.cuda.empty_cache()
-            done = cache.load([_row_key(r, conditioning) for r in todo], names)
+            done = _finished(members, todo, names)
             todo = [r for r in todo if _row_key(r, conditioning) not in done]
 
 
-def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progress, cache, devices, num_nodes,
+def _predict(members, todo, names, config, seed, batch_size, accelerator, progress, devices, num_nodes,
              strategy, precision, channels_last, threads, session: str, calls: ModelCalls = UNBATCHED,
              compiled: bool = False) -> None:
-    info = adapter.info
+    """One Trainer's pass of every member (adapter, cache) over `todo`, each batch decoded once."""
+    adapters = [adapter for adapter, _ in members]
+    info = adapters[0].info
     dataset = ImageDataset(todo, info.image_size, info.image_channels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=RankBatchSampler(len(dataset), batch_size), num_workers=0
     )
-    module = FeatureExtractor(adapter, names, config, seed, str(cache.root), precision, channels_last, session,
-                              threads, calls, compiled)
+    module = FeatureExtractor(adapters, names, config, seed, [str(cache.root) for _, cache in members], precision,
+                              channels_last, session, threads, calls, compiled)
     world_size = devices * num_nodes
     timeout = rendezvous_timeout() if world_size > 1 else None
     if strategy == "auto" and world_size > 1:
@@ -667,7 +787,8 @@ def _predict(adapter, todo, names, config, seed, batch_size, accelerator, progre
         raise
     finally:
         if compiled:
-            uncompile(adapter)  # Lightning skips teardown hooks on some failures
+            for adapter in adapters:
+                uncompile(adapter)  # Lightning skips teardown hooks on some failures
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not sigint:
             signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after an interrupt
 

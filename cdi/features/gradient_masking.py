@@ -27,7 +27,6 @@ from cdi.features.base import (
     positive,
     timesteps,
 )
-from cdi.features.seeded_noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
 #: The timesteps GM_t and ML_t are named after (on the paper's 1000-step grid).
@@ -71,7 +70,7 @@ class MultipleLoss(FeatureFamily):
         return Passes(forward=sum(f"ML_{t}" in self.wanted for t in self.config.multi_timesteps))
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
-        eps = image_noise(batch.z0, batch.sha256, batch.seed, SHARED_NOISE)
+        eps = batch.noise(batch.z0, SHARED_NOISE)
         wanted = [t_ref for t_ref in self.config.multi_timesteps if f"ML_{t_ref}" in self.wanted]
         ts = [adapter.timestep(t_ref) for t_ref in wanted]
         # One model call per timestep, or fewer larger ones with timestep batching (`batch.calls`).
@@ -96,7 +95,7 @@ class GradientMasking(FeatureFamily):
 
     def compute(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> FeatureOutput:
         z0 = batch.z0
-        eps = image_noise(z0, batch.sha256, batch.seed, SHARED_NOISE)
+        eps = batch.noise(z0, SHARED_NOISE)
         wanted = [t_ref for t_ref in self.config.multi_timesteps if f"GM_{t_ref}" in self.wanted]
         ts = [adapter.timestep(t_ref) for t_ref in wanted]
         # a) every timestep's forward+backward (one call each, or fewer larger ones: `batch.calls`) ...

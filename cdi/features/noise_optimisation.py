@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from cdi.features.base import FeatureBatch, FeatureFamily, FeatureOutput, Passes, count, l2, positive, timestep
-from cdi.features.seeded_noise import image_noise
 from cdi.models.base import DiffusionAdapter
 
 _CURVATURE_EPS = 1e-10
@@ -74,7 +73,7 @@ class NoiseOptimisation(FeatureFamily):
     def optimise(self, adapter: DiffusionAdapter, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The best perturbation found per image and the objective value there."""
         t = adapter.timestep(self.config.no_t)
-        eps = image_noise(batch.z0, batch.sha256, batch.seed, "NO", self.config.no_t)
+        eps = batch.noise(batch.z0, "NO", self.config.no_t)
         z_t = adapter.q(batch.z0, t, eps).detach()
         shape = z_t.shape
 

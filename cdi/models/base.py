@@ -11,7 +11,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -93,6 +93,11 @@ class DiffusionAdapter(nn.Module, ABC):
     @abstractmethod
     def condition(self, labels: Sequence[int | None], captions: Sequence[str | None]) -> Any:
         """Per-batch conditioning object passed unchanged to `eps_hat` (None if unconditional)."""
+
+    def encoder_identity(self) -> Hashable | None:
+        """Two adapters whose identities are equal and not None encode every image to the same bits, so an
+        extraction over both (a target and its reference) encodes each batch once; None: not known to be shared."""
+        return None
 
     # -- the contract -----------------------------------------------------------------------
     @abstractmethod

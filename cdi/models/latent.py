@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 
@@ -88,6 +88,11 @@ class LatentAdapter(DiffusionAdapter):
             if getattr(config, "shift_factor", None) is not None:
                 z0 = z0 - config.shift_factor
             return z0 * config.scaling_factor
+
+    def encoder_identity(self) -> Hashable | None:
+        """The VAE's files (by sha256; a LoRA never adapts the VAE) and how a latent is drawn from its posterior."""
+        vae = tuple(sorted((name, digest) for name, digest in self.info.files.items() if name.startswith("vae/")))
+        return (type(self).encode.__qualname__, vae, self.latent_sample_seed) if vae else None
 
     def _posterior_noise(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Standard normal noise per image, seeded from (latent_sample_seed, the image's pixels)."""

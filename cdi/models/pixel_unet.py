@@ -6,7 +6,7 @@ Unconditional, or class-conditional when the UNet has a class embedding (`num_cl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 
@@ -67,6 +67,9 @@ class PixelUNetAdapter(DiffusionAdapter):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def encoder_identity(self) -> Hashable:
+        return "pixels"  # every pixel model's "encoder" is the identity
 
     def eps_hat(self, z_t: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
         timesteps = torch.full((z_t.shape[0],), int(t), dtype=torch.long, device=z_t.device)

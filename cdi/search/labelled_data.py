@@ -39,7 +39,7 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
     """
     from cdi.audit import difficulty_covariates_of, load_references, reference_entries, wiener_noise_of
     from cdi.models.latent import LatentAdapter
-    from cdi.features import FeatureConfig, extract
+    from cdi.features import FeatureConfig, extract_models
     from cdi.search.space import variant_column
     from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES
 
@@ -49,16 +49,16 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
     check_decodable(records, info.image_size, info.image_channels)
     options = dict(seed=seed, batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir)
 
-    def matrix(model_adapter: Any) -> np.ndarray:
-        blocks = [extract(model_adapter, records, names, **options).values]
-        for setting, value, features in variants:
-            blocks.append(extract(model_adapter, records, features, config=FeatureConfig(**{setting: value}),
-                                  **options).values)
-        return np.hstack(blocks)
+    models = [adapter, *references]  # each block in one engine pass over the model and its references
+    blocks = [[report.values for report in extract_models(models, records, names, **options)]]
+    for setting, value, features in variants:
+        blocks.append([report.values for report in extract_models(
+            models, records, features, config=FeatureConfig(**{setting: value}), **options)])
+    X, *X_reference = (np.hstack(per_model) for per_model in zip(*blocks))
 
     columns = [*names, *(variant_column(f, setting, value) for setting, value, features in variants for f in features)]
     covariates = difficulty_covariates_of(records, info.image_size, info.image_channels, pixels=pixels)
-    fields = dict(X=matrix(adapter), names=tuple(columns), X_reference=[matrix(r) for r in references],
+    fields = dict(X=X, names=tuple(columns), X_reference=X_reference,
                   covariates=covariates,
                   wiener=wiener_noise_of(records, adapter, FeatureConfig(), seed)
                   if pixels and not isinstance(adapter, LatentAdapter) else None)
