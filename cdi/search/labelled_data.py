@@ -30,23 +30,30 @@ Variant = tuple[str, Any, Sequence[str]]
 def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], names: Sequence[str],
               variants: Sequence[Variant], *, reference_models: Sequence[str | Path], seed: int, batch_size: int,
               device: str, cache_dir: str | Path | None, progress: bool,
-              pixels: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+              pixels: bool = False, difficulty: str = "off") -> tuple[dict[str, Any], dict[str, Any]]:
     """CalibrationData fields (X, names, X_reference, covariates) of `records`, and what describes them;
     `pixels`: the covariates carry each image's pixels too (difficulty modes "image+pca" and, with DL's seeded
     noise of each image on a pixel model, "image+pca+wiener").
 
+    `difficulty`: the difficulty mode of trials whose space does not sample one ("auto": the one an audit of
+    these images on this model resolves to, `cdi.audit.resolve_difficulty`), so that trials score features
+    calibrated as the audit will calibrate them; its covariates are computed too.
+
     Each model gets the default configuration's features, then each variant's affected features only.
     """
-    from cdi.audit import difficulty_covariates_of, load_references, reference_entries, wiener_noise_of
+    from cdi.audit import (difficulty_covariates_of, load_references, reference_entries, resolve_difficulty,
+                           wiener_noise_of)
     from cdi.models.latent import LatentAdapter
     from cdi.features import FeatureConfig, extract_models
     from cdi.search.space import variant_column
-    from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES
+    from cdi.stats.difficulty import DIFFICULTY_COVARIATE_NAMES, PIXEL_MODES
 
     references, _ = load_references(adapter, reference_models, model=model, lora=None, allow_pickle=False,
                                     latent_sample_seed=None)
     info = adapter.info
     check_decodable(records, info.image_size, info.image_channels)
+    difficulty = resolve_difficulty(difficulty, adapter, len(records), FeatureConfig())
+    pixels = pixels or difficulty in PIXEL_MODES
     options = dict(seed=seed, batch_size=batch_size, device=device, progress=progress, cache_dir=cache_dir)
 
     models = [adapter, *references]  # each block in one engine pass over the model and its references
@@ -59,7 +66,7 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
     columns = [*names, *(variant_column(f, setting, value) for setting, value, features in variants for f in features)]
     covariates = difficulty_covariates_of(records, info.image_size, info.image_channels, pixels=pixels)
     fields = dict(X=X, names=tuple(columns), X_reference=X_reference,
-                  covariates=covariates,
+                  covariates=covariates, difficulty_default=difficulty,
                   wiener=wiener_noise_of(records, adapter, FeatureConfig(), seed)
                   if pixels and not isinstance(adapter, LatentAdapter) else None)
     description: dict[str, Any] = {"model": str(Path(model).resolve()), "model_fingerprint": info.fingerprint}
@@ -67,13 +74,14 @@ def _features(adapter: Any, model: str | Path, records: Sequence[ImageRecord], n
         description["reference_models"] = [{key: entry[key] for key in ("path", "fingerprint")}
                                            for entry in reference_entries(references)]
     description["difficulty_covariates"] = list(DIFFICULTY_COVARIATE_NAMES)
+    description["trial_difficulty_default"] = difficulty
     return fields, description
 
 
 def known_membership(model: str | Path, members: str | Path, nonmembers: Sequence[str | Path], names: Sequence[str],
                      *, variants: Sequence[Variant] = (), reference_models: Sequence[str | Path] = (), seed: int = 0,
                      batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
-                     progress: bool = False, pixels: bool = False) -> CalibrationData:
+                     progress: bool = False, pixels: bool = False, difficulty: str = "off") -> CalibrationData:
     """Members (label 1) and non-members (label 0) of a model whose training set is known."""
     from cdi.models import load_model
 
@@ -89,7 +97,7 @@ def known_membership(model: str | Path, members: str | Path, nonmembers: Sequenc
     records = [*member_records, *nonmember_records]
     fields, models = _features(load_model(model), model, records, names, variants, reference_models=reference_models,
                                seed=seed, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                               progress=progress, pixels=pixels)
+                               progress=progress, pixels=pixels, difficulty=difficulty)
     return CalibrationData(
         y=np.array([1] * len(member_records) + [0] * len(nonmember_records)), **fields,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],
@@ -110,7 +118,7 @@ def held_out(records: Sequence[ImageRecord], fraction: float, seed: int) -> list
 def split(model: str | Path, suspect: str | Path, control: str | Path, names: Sequence[str], *, fraction: float,
           variants: Sequence[Variant] = (), reference_models: Sequence[str | Path] = (), seed: int = 0,
           batch_size: int = 50, device: str = "auto", cache_dir: str | Path | None = None,
-          progress: bool = False, pixels: bool = False) -> CalibrationData:
+          progress: bool = False, pixels: bool = False, difficulty: str = "off") -> CalibrationData:
     """A seeded `fraction` of the owner's P (label 1) and U (label 0), held out for the search."""
     if not 0.0 < fraction < 1.0:
         raise OptionError(f"--calibration-fraction {fraction}: must lie strictly between 0 and 1 (e.g. 0.3)")
@@ -126,7 +134,7 @@ def split(model: str | Path, suspect: str | Path, control: str | Path, names: Se
     records = [*p_cal, *u_cal]
     fields, models = _features(adapter, model, records, names, variants, reference_models=reference_models, seed=seed,
                                batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress,
-                               pixels=pixels)
+                               pixels=pixels, difficulty=difficulty)
     return CalibrationData(
         y=np.array([1] * len(p_cal) + [0] * len(u_cal)), **fields,
         sha256=[r.sha256 for r in records], files=[str(r.path) for r in records],

@@ -46,6 +46,9 @@ class CalibrationData:
     X_reference: list[np.ndarray] = field(default_factory=list)
     covariates: np.ndarray | None = None
     wiener: WienerNoise | None = None
+    #: The difficulty mode of a trial whose search space does not sample one: the audit's default for these
+    #: images on this model (`labelled_data`), so that a search scores what the audit will test.
+    difficulty_default: str = "off"
 
     def _index(self, features: Sequence[str]) -> list[int]:
         index = {name: j for j, name in enumerate(self.names)}

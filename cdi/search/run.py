@@ -60,18 +60,21 @@ def calibration_data(space: SearchSpace, *, model: str | Path, members: str | Pa
     names = space.all_features
     # a PCA needs the pixels (and the Wiener covariate DL's noise)
     pixels = any(mode in PIXEL_MODES for mode in space.calibration.get("difficulty_calibration", ()))
+    # A space that does not search the difficulty calibration leaves it to the audit's default: trials use it too.
+    difficulty = "off" if "difficulty_calibration" in space.calibration else "auto"
     if suspect is not None or control is not None:
         if suspect is None or control is None or members is not None:
             raise OptionError("calibration split: give both --suspect and --control, and no --members")
         return labelled_data.split(model, suspect, control, names, fraction=calibration_fraction,
                                  variants=space.variants(), reference_models=reference_models, seed=seed,
                                  batch_size=batch_size, device=device, cache_dir=cache_dir, progress=progress,
-                                 pixels=pixels)
+                                 pixels=pixels, difficulty=difficulty)
     if members is None:
         raise OptionError("give --members and --nonmembers (known membership) or --suspect and --control (split)")
     return labelled_data.known_membership(model, members, nonmembers, names, variants=space.variants(),
                                         reference_models=reference_models, seed=seed, batch_size=batch_size,
-                                        device=device, cache_dir=cache_dir, progress=progress, pixels=pixels)
+                                        device=device, cache_dir=cache_dir, progress=progress, pixels=pixels,
+                                        difficulty=difficulty)
 
 
 def search(data: CalibrationData, space: SearchSpace, *, n_trials: int = 40, n: int = 50, n_resamples: int = 10,

@@ -82,6 +82,8 @@ class Objective:
         settings = self.space.feature_settings(params)
         trial.set_user_attr("feature_settings", settings)
         calibration = self.space.feature_calibration(params)
+        if "difficulty_calibration" not in params:  # as the audit will calibrate: its default on these images
+            calibration["difficulty_calibration"] = self.data.difficulty_default
         trial.set_user_attr("feature_calibration", calibration)
         models = 1 + (references if calibration["representation"] != "raw" else 0)
         passes = models * passes_per_image(features, self.space.feature_config(params))

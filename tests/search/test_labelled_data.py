@@ -220,3 +220,32 @@ def test_the_audit_applies_the_calibration_a_config_names(tiny_model, reference_
     assert (described["representation"], described["reference_formula"], described["difficulty_calibration"]) == \
         ("both", "difference", "image")
     assert described["scored_features"] == ["DL.resid", "PIA.resid", "DL-ref.resid", "PIA-ref.resid"]
+
+
+def test_a_space_that_does_not_search_the_difficulty_scores_trials_as_the_audit_will(tiny_model, image_sets,
+                                                                                     tracking_uri):
+    """Without a difficulty key in its calibration section, a search on a pixel model scores every trial with the
+    audit's default (image+pca+wiener: the pixels and DL's noise are computed), and leaves the choice to the
+    audit's own option in the config; a space that samples the difficulty keeps its own values."""
+    from cdi.audit import resolve_difficulty
+    from cdi.search.run import calibration_data
+
+    plain = SearchSpace(name="plain", families=("DL", "PIA"), timestep_families=())
+    data = calibration_data(plain, model=tiny_model, suspect=image_sets[0], control=image_sets[1],
+                            calibration_fraction=0.5, seed=1, batch_size=12, device="cpu")
+    audit_default = resolve_difficulty("auto", load_model(tiny_model), len(data.y), FeatureConfig())
+    assert data.difficulty_default == audit_default == "image+pca+wiener"
+    assert data.wiener is not None and data.covariates.shape[1] > 5  # the image statistics, then the pixels
+    outcome = search(data, plain, n_trials=3, n=6, n_resamples=1, experiment="search-unit")
+    done = [t for t in outcome.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(t.user_attrs["feature_calibration"]["difficulty_calibration"] == audit_default
+                        and "difficulty_calibration" not in t.params for t in done)
+    assert "difficulty_calibration" not in outcome.config.feature_calibration  # the audit resolves its own default
+
+    offered = SearchSpace(name="offered", families=("DL", "PIA"), timestep_families=(),
+                          calibration={"difficulty_calibration": ("off",)})
+    data = calibration_data(offered, model=tiny_model, suspect=image_sets[0], control=image_sets[1],
+                            calibration_fraction=0.5, seed=1, batch_size=12, device="cpu")
+    assert data.difficulty_default == "off" and data.wiener is None
+    outcome = search(data, offered, n_trials=2, n=6, n_resamples=1, experiment="search-unit")
+    assert all(t.user_attrs["feature_calibration"]["difficulty_calibration"] == "off" for t in outcome.study.trials)
