@@ -22,11 +22,10 @@ def test_second_audit_of_the_same_sets_reuses_every_feature(tiny_model, image_se
     assert {f"extraction.seconds.{f}" for f in ("DenoisingLoss", "SecMI", "PIA", "MultipleLoss")} <= set(m1)
 
 
-def test_unreachable_tracking_server_fails_before_any_model_pass(tiny_model, image_sets, monkeypatch):
+def test_unreachable_tracking_server_fails_before_any_model_pass(tiny_model, image_sets, tmp_path, engine_passes):
     from cdi.errors import TrackingError
 
-    calls = []
-    monkeypatch.setattr("cdi.audit.extract", lambda *a, **k: calls.append(1))
     with pytest.raises(TrackingError, match="--tracking-uri http://127.0.0.1:9"):
-        audit(tiny_model, *image_sets, tracking_uri="http://127.0.0.1:9", extraction=ExtractionOptions(progress=False))
-    assert calls == []
+        audit(tiny_model, *image_sets, tracking_uri="http://127.0.0.1:9",
+              extraction=ExtractionOptions(progress=False, cache_dir=tmp_path))  # a fresh cache: every image missing
+    assert engine_passes == []

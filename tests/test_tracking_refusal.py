@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-import cdi.audit
 from cdi import tracking
 from cdi.cli import main
 from cdi.errors import TrackingError
+from cdi.features import extraction
 
 
 def _refused(status: int, endpoint: str):
@@ -43,7 +43,7 @@ def test_a_user_who_may_not_write_to_the_experiment_is_told_before_any_model_pas
         raise AssertionError("a model pass ran before the permission was checked")
 
     monkeypatch.setattr(mlflow, "start_run", start_run)
-    monkeypatch.setattr(cdi.audit, "extract", no_model_pass)
+    monkeypatch.setattr(extraction, "_predict", no_model_pass)
     code = main(["audit", "--model", str(tiny_model), "--suspect", str(image_sets[0]), "--control",
                  str(image_sets[1]), "--access", "gray", "--no-progress", "--experiment", "team-audits"])
     assert code == 2

@@ -8,8 +8,8 @@ import secrets
 import pytest
 import requests
 
-import cdi.audit
 from cdi.cli import main
+from cdi.features import extraction
 
 
 @pytest.fixture
@@ -61,12 +61,12 @@ def test_basic_auth_server_refuses_audits_without_a_valid_login_and_takes_a_memb
                  "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
-    real_extract = cdi.audit.extract
+    real_predict = extraction._predict
 
     def no_model_pass(*args, **kwargs):
         raise AssertionError("a model pass ran before the login was checked")
 
-    monkeypatch.setattr(cdi.audit, "extract", no_model_pass)
+    monkeypatch.setattr(extraction, "_predict", no_model_pass)
     capsys.readouterr()
     assert main([*_audit_args(tiny_model, image_sets, server.url, cache), "--threads", "1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -84,7 +84,7 @@ def test_basic_auth_server_refuses_audits_without_a_valid_login_and_takes_a_memb
                    "(HTTP 401); check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
 
     # The member's own credentials: the audit finishes in the admin's experiment and the run is visible.
-    monkeypatch.setattr(cdi.audit, "extract", real_extract)
+    monkeypatch.setattr(extraction, "_predict", real_predict)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     out = tmp_path / "result.json"
     assert main([*_audit_args(tiny_model, image_sets, server.url, cache), "--output", str(out)]) == 0, \

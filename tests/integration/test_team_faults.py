@@ -11,7 +11,7 @@ ARTIFACTS = ("features.csv", "result.json", "summary.md", "manifest.json", "repo
 
 
 def test_server_killed_mid_audit_then_restarted_and_resume_finishes_the_same_run(
-        own_team_server, own_database, s3_keys, tiny_model, image_sets, tmp_path, monkeypatch, capsys):
+        own_team_server, own_database, s3_keys, tiny_model, image_sets, tmp_path, monkeypatch, capsys, engine_passes):
     import mlflow
     import psycopg2
 
@@ -39,15 +39,7 @@ def test_server_killed_mid_audit_then_restarted_and_resume_finishes_the_same_run
     assert not any(f"/{run_id}/" in key for key in s3_keys(server.artifacts_destination))
 
     monkeypatch.setattr(cdi.audit, "assess", real_assess)
-    model_passes = []
-    real_extract = cdi.audit.extract
-
-    def counting_extract(*args, **kwargs):
-        extraction = real_extract(*args, **kwargs)
-        model_passes.append(extraction.cache_misses)
-        return extraction
-
-    monkeypatch.setattr(cdi.audit, "extract", counting_extract)
+    assert engine_passes == [(1, 24)]  # the first attempt computed every feature
     server.start()  # same port, database and bucket prefix
     # The resume runs with cdi's own network settings (30 s, 3 retries), as a user's would: the 5 s without
     # retries above only makes the lost server fail fast, and failed a just-restarted server on loaded cores.
@@ -62,7 +54,7 @@ def test_server_killed_mid_audit_then_restarted_and_resume_finishes_the_same_run
     assert run.info.status == "FINISHED"
     assert run.data.metrics["stats.p_value"] == result["p_value"]
     n_images = result["n_suspect"] + result["n_control"]
-    assert model_passes == [0]  # the cache served every image: no model pass was repeated
+    assert engine_passes == [(1, 24)]  # the cache served every image: no model pass was repeated
     assert (run.data.metrics["extraction.cache_misses"], run.data.metrics["extraction.cache_hits"]) == (0, n_images)
 
     keys = s3_keys(server.artifacts_destination)
