@@ -178,7 +178,7 @@ def bench_model(name: str, target: DiffusionAdapter, reference: DiffusionAdapter
             precision: relative_difference(runs[f"{precision}/on/plain"][0]["values"],
                                            runs[f"{precision}/off/plain"][0]["values"])
             for precision in PRECISIONS
-        },
+        } if set(MODES) == {"off", "on"} else {},
         "shared_equals_separate": {  # both models' features, bit for bit
             f"{precision}/{mode}": bool(all(np.array_equal(runs[f"{precision}/{mode}/reference"][0][k],
                                                            runs[f"{precision}/{mode}/separate"][0][k])
@@ -253,13 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also measure --compile on (plain extraction; warm-up timed apart)")
     parser.add_argument("--precisions", default="32,bf16")
+    parser.add_argument("--modes", default="off,on", help="timestep batching modes to measure (off,on)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tracking-uri")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    global PRECISIONS
+    global PRECISIONS, MODES
     PRECISIONS = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    MODES = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not MODES or "off" not in MODES or not set(MODES) <= {"off", "on"}:
+        parser.error(f"--modes {args.modes!r}: off, or off,on (off is the baseline)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
