@@ -45,6 +45,19 @@ def test_one_pass_gives_every_model_the_bits_of_its_own_pass_and_fills_each_cach
     assert engine_passes == [(3, 24)]  # nothing recomputed
 
 
+def test_two_processes_share_the_pass_with_the_bits_of_one(pixel_models, tmp_path):
+    """ddp_spawn pickles the engine with both models; each rank computes its batches on both, and every model's
+    features are those of a one-process pass of its own (same thread count in every process)."""
+    adapters, records = pixel_models
+    options = dict(seed=3, batch_size=5, progress=False, device="cpu", threads=1)
+    alone = [extract(adapter, records, ("DL", "GM_100", "PIA"), use_cache=False, **options) for adapter in adapters[:2]]
+    two = extract_models(adapters[:2], records, ("DL", "GM_100", "PIA"), cache_dir=tmp_path, devices=2,
+                         strategy="ddp_spawn", **options)
+    for own, together in zip(alone, two):
+        np.testing.assert_array_equal(together.values, own.values)
+    assert len(list(tmp_path.rglob("shard-*.npz"))) == 2 * 5  # 24 images in batches of 5, per model
+
+
 def test_models_that_lack_different_images_get_their_own_passes_with_unchanged_batches(pixel_models, tmp_path,
                                                                                      engine_passes):
     """A target cached for half the images: sharing would change the batches' composition (and the last bits),
