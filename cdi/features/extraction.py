@@ -315,9 +315,9 @@ def compiler_available(device: str = "cpu") -> bool:
 
 def resolve_compile(mode: str, device: str) -> bool:
     """Whether the denoiser runs under `torch.compile` (`compiled_denoiser`). `auto`: off, on CPU because it is
-    measured no faster there once its warm-up is paid (~7 % per image once warm, 1-2 CPU minutes of warm-up
-    per precision and call shape: benchmarks/README.md, "Timestep batching, `--compile` and reference
-    models"), on CUDA until benchmarks/gpu_session.sh has measured it; `on`: compile
+    measured no faster there once its warm-up is paid (demo DDPM ~7 % per image once warm, the DDPM-CIFAR10
+    shape 0.96x; 1-2 CPU minutes of warm-up per precision and call shape: benchmarks/README.md, "Timestep
+    batching, `--compile` and reference models"), on CUDA until benchmarks/gpu_session.sh has measured it; `on`: compile
     where a compiler works, else warn and run eagerly; `off`: never."""
     if mode not in COMPILE_MODES:
         raise OptionError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
@@ -354,8 +354,10 @@ class _CompiledForward:
 
 @contextlib.contextmanager
 def compiled_denoiser(adapter: DiffusionAdapter, enabled: bool, compiler=None):
-    """While it runs, the adapter's denoiser forward is `torch.compile`d (dynamic shapes, so the timestep-batched
-    calls' larger batches and a last, smaller batch do not each recompile); afterwards the eager forward is
+    """While it runs, the adapter's denoiser forward is `torch.compile`d with automatic dynamic shapes (the first
+    call shape static; the first other batch size recompiles once with the batch dimension dynamic, and every
+    later size reuses that graph: `dynamic=True`, every dimension symbolic, failed in inductor on the
+    DDPM-CIFAR10 UNet on CPU with torch 2.13, benchmarks/README.md); afterwards the eager forward is
     back. Forward hooks and the input-gradient path (AOTAutograd compiles the backward) are kept. `compiler`
     stands in for torch.compile (tests)."""
     if not enabled:
@@ -364,7 +366,7 @@ def compiled_denoiser(adapter: DiffusionAdapter, enabled: bool, compiler=None):
     module = adapter.denoiser
     uncompile(adapter)
     eager = module.forward
-    compile_fn = compiler or (lambda fn: torch.compile(fn, dynamic=True))
+    compile_fn = compiler or (lambda fn: torch.compile(fn, dynamic=None))
     try:
         # A later extraction in this process (the next batch plan, an out-of-memory retry) wraps the forward
         # anew; dynamo's cache sits on the forward's code, so its compiled graphs are reused (measured).

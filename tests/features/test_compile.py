@@ -114,15 +114,15 @@ print("DONE")
 
 def test_really_compiled_features_are_within_tolerance_of_the_eager_ones(tiny_model, image_sets, tmp_path):
     """torch.compile itself, in a child process bounded to REAL_COMPILE_S seconds: skipped where no compiler
-    works, or where compiling takes longer than that (inductor on a loaded 2-core CPU can take minutes:
-    CDI_COMPILE_TEST_S=900 runs it through)."""
+    works, or where compiling takes longer than that (61-85 s here with automatic dynamic shapes, 786 s with
+    dynamic=True; CDI_COMPILE_TEST_S sets the bound, 0 skips the test). Compiled means compiled: a fallback to
+    the eager forward fails it."""
     import os
     import subprocess
     import sys
 
-    if REAL_COMPILE_S is None:
-        pytest.skip("torch.compile of the tiny model takes minutes on a CPU (measured 786 s on 2 shared cores): "
-                    "set CDI_COMPILE_TEST_S=900 to run it")
+    if not REAL_COMPILE_S:
+        pytest.skip("CDI_COMPILE_TEST_S=0: the real torch.compile test is off")
     if not hasattr(torch, "compile"):
         pytest.skip("this torch has no torch.compile")
     out = tmp_path / "values.npy"
@@ -132,14 +132,14 @@ def test_really_compiled_features_are_within_tolerance_of_the_eager_ones(tiny_mo
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired:
         pytest.skip(f"torch.compile took over {REAL_COMPILE_S:g} s here: too slow for the unit suite "
-                    "(CDI_COMPILE_TEST_S=900 runs it)")
+                    "(CDI_COMPILE_TEST_S=900 gives it longer)")
     if "NO-COMPILER" in done.stdout:
         pytest.skip("torch.compile has no working backend here (inductor needs a C++ compiler)")
     assert done.returncode == 0 and "DONE" in done.stdout, done.stderr[-3000:]
+    assert "--compile: compiling" not in done.stderr, done.stderr[-3000:]  # compiled, not fallen back to eager
     eager, compiled = np.load(out)
     np.testing.assert_allclose(compiled, eager, rtol=RTOL, atol=ATOL)
 
 
-#: Seconds the real compilation may take before the test skips; unset (the default): the test is not run.
-REAL_COMPILE_S = (float(__import__("os").environ["CDI_COMPILE_TEST_S"])
-                  if __import__("os").environ.get("CDI_COMPILE_TEST_S") else None)
+#: Seconds the real compilation may take before the test skips (env CDI_COMPILE_TEST_S; 0 turns the test off).
+REAL_COMPILE_S = float(__import__("os").environ.get("CDI_COMPILE_TEST_S") or 180)
