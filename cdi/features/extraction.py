@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -330,12 +331,18 @@ def resolve_compile(mode: str, device: str) -> bool:
     return True
 
 
+#: Denoisers whose compilation failed in this process: later extractions run them eagerly at once instead of
+#: paying the failed compilation again.
+_compile_failed: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
 class _CompiledForward:
     """A module's forward run compiled, falling back to the eager forward for good (with a warning) the first
     time compilation fails; an out-of-memory error propagates, for the caller's retry."""
 
-    def __init__(self, eager, compiled, name: str) -> None:
+    def __init__(self, eager, compiled, name: str, module: torch.nn.Module | None = None) -> None:
         self.eager, self.compiled, self.name, self.failed = eager, compiled, name, False
+        self.module = weakref.ref(module) if module is not None else None
 
     def __call__(self, *args, **kwargs):
         if self.failed:
@@ -346,6 +353,8 @@ class _CompiledForward:
             if _is_out_of_memory(exc):
                 raise
             self.failed = True
+            if self.module is not None and (module := self.module()) is not None:
+                _compile_failed.add(module)
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.warning("--compile: compiling %s failed (%s: %s); running it uncompiled", self.name,
                         type(exc).__name__, first[:200])
@@ -365,6 +374,11 @@ def compiled_denoiser(adapter: DiffusionAdapter, enabled: bool, compiler=None):
         return
     module = adapter.denoiser
     uncompile(adapter)
+    if module in _compile_failed:
+        log.warning("--compile: compiling %s failed earlier in this process; running it uncompiled",
+                    type(module).__name__)
+        yield
+        return
     eager = module.forward
     compile_fn = compiler or (lambda fn: torch.compile(fn, dynamic=None))
     try:
@@ -373,9 +387,10 @@ def compiled_denoiser(adapter: DiffusionAdapter, enabled: bool, compiler=None):
         compiled = compile_fn(eager)
     except Exception as exc:  # noqa: BLE001
         log.warning("--compile: torch.compile of %s failed (%s); running it uncompiled", type(module).__name__, exc)
+        _compile_failed.add(module)
         yield
         return
-    module.forward = _CompiledForward(eager, compiled, type(module).__name__)
+    module.forward = _CompiledForward(eager, compiled, type(module).__name__, module)
     try:
         yield
     finally:

@@ -53,8 +53,11 @@ def test_a_failing_compilation_falls_back_to_the_eager_bits_and_restores_the_for
     adapter = load_model(tiny_model)
     eager = extract(adapter, records, NAMES, batch_size=3, progress=False, use_cache=False, device="cpu").values
 
+    tries = []
+
     def broken_compiler(fn):
         def compiled(*args, **kwargs):
+            tries.append(1)
             raise RuntimeError("backend compiler failed: no C++ compiler")
         return compiled
 
@@ -66,10 +69,17 @@ def test_a_failing_compilation_falls_back_to_the_eager_bits_and_restores_the_for
     assert "running it uncompiled" in caplog.text
     assert "forward" not in vars(adapter.unet)  # the eager forward is back
     np.testing.assert_array_equal(fallen, eager)
+    assert tries == [1]  # tried once, then eager for good
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cdi.features.extraction"):
+        with compiled_denoiser(adapter, True, compiler=broken_compiler):  # a later extraction of the same model
+            assert "forward" not in vars(adapter.unet)
+    assert tries == [1] and "failed earlier in this process" in caplog.text  # not paid again
 
     def compiler_that_raises(fn):
         raise RuntimeError("torch.compile is not supported on this Python")
 
+    adapter = load_model(tiny_model)
     with compiled_denoiser(adapter, True, compiler=compiler_that_raises):
         assert "forward" not in vars(adapter.unet)
 
