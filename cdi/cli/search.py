@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  calibration: representation {chosen['representation']}"
               + (f" ({chosen['reference_formula']})" if chosen["representation"] != "raw" else "")
               + f", difficulty {chosen['difficulty_calibration']}")
+    scored = outcome.study.trials[objective["trial"]].user_attrs.get("feature_calibration") or {}
+    if "difficulty_calibration" not in chosen and scored.get("difficulty_calibration", "off") != "off":
+        print(f"  trials scored with difficulty calibration {scored['difficulty_calibration']}, the audit's default "
+              "for this model (the audit applies its own --difficulty-calibration)")
     for reference in config.calibration.get("reference_models", []):
         print(f"reference model: {reference['path']} (fingerprint {reference['fingerprint'][:12]})")
     for point in outcome.pareto_front:

@@ -80,7 +80,11 @@ def test_search_cli_on_the_tiny_model_writes_a_usable_config(tiny_model, image_s
     config = SearchConfig.read(out)
     assert config.calibration["mode"] == "known" and len(config.calibration_hashes) == 24
     assert Path(config.calibration["members"]) == Path(image_sets[0]).resolve()
-    assert "run:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "run:" in printed
+    # the built-in space leaves the difficulty to the audit: the trials were scored with its default, and it says so
+    assert "trials scored with difficulty calibration image+pca+wiener, the audit's default" in printed
+    assert "difficulty_calibration" not in config.feature_calibration
     assert main(["search", "--n-workers", "2", "--model", str(tiny_model)]) == 2
 
 
