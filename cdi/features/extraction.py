@@ -198,12 +198,13 @@ class FeatureExtractor(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         computed = self.compute_all(batch)  # every model's rows, then the writes: a failed batch writes none
+        labels, captions = _conditioning(batch)
         for adapter, root, (matrix, seconds) in zip(self.models, self.cache_roots, computed):
             if root is None:
                 continue
             conditioning = adapter.info.conditioning
             keys = [row_key(digest, conditioning, label, caption)
-                    for digest, label, caption in zip(batch["sha256"], *_conditioning(batch))]
+                    for digest, label, caption in zip(batch["sha256"], labels, captions)]
             FeatureCache(Path(root)).write(batch["sha256"], self.names, matrix.cpu().numpy(), seconds,
                                            f"{self.session}r{self.global_rank}-", keys)
         return {"n": len(batch["sha256"])}
@@ -340,9 +341,9 @@ class _CompiledForward:
     """A module's forward run compiled, falling back to the eager forward for good (with a warning) the first
     time compilation fails; an out-of-memory error propagates, for the caller's retry."""
 
-    def __init__(self, eager, compiled, name: str, module: torch.nn.Module | None = None) -> None:
-        self.eager, self.compiled, self.name, self.failed = eager, compiled, name, False
-        self.module = weakref.ref(module) if module is not None else None
+    def __init__(self, eager, compiled, module: torch.nn.Module) -> None:
+        self.eager, self.compiled, self.name, self.failed = eager, compiled, type(module).__name__, False
+        self.module = weakref.ref(module)
 
     def __call__(self, *args, **kwargs):
         if self.failed:
@@ -353,7 +354,7 @@ class _CompiledForward:
             if _is_out_of_memory(exc):
                 raise
             self.failed = True
-            if self.module is not None and (module := self.module()) is not None:
+            if (module := self.module()) is not None:
                 _compile_failed.add(module)
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.warning("--compile: compiling %s failed (%s: %s); running it uncompiled", self.name,
@@ -390,7 +391,7 @@ def compiled_denoiser(adapter: DiffusionAdapter, enabled: bool, compiler=None):
         _compile_failed.add(module)
         yield
         return
-    module.forward = _CompiledForward(eager, compiled, type(module).__name__, module)
+    module.forward = _CompiledForward(eager, compiled, module)
     try:
         yield
     finally:
@@ -509,12 +510,15 @@ class _Model:
     adapter: DiffusionAdapter
     cache: FeatureCache
     keys: list[str]  # per record
-    wanted: list[str]  # the distinct rows, in batch-plan order
-    unique: list[tuple[str, ImageRecord]]
-    hits: int = 0
-    todo: list[ImageRecord] = field(default_factory=list)
+    unique: list[tuple[str, ImageRecord]]  # (row key, record) of the distinct rows, in batch-plan order
+    hits: int | None = None  # rows cached before any pass of this call
+    todo: list[tuple[str, ImageRecord]] = field(default_factory=list)  # the rows it lacks, in the same order
     session: str = ""
     seconds: float = 0.0
+
+    @property
+    def wanted(self) -> list[str]:
+        return [row for row, _ in self.unique]
 
 
 def extract_models(
@@ -572,15 +576,15 @@ def extract_models(
             # One row per (image, conditioning): the same image under two labels is computed twice. Sorted by
             # sha256 first, so unconditioned batches are composed exactly as when the key was the sha256.
             unique = sorted(dict(zip(keys, records)).items(), key=lambda item: (item[1].sha256, item[0]))
-            model = _Model(adapter, FeatureCache.open(root, adapter.info.fingerprint, key, seed), keys,
-                           [row for row, _ in unique], unique)
-            model.hits = len(model.cache.load(model.wanted, names))
-            models.append(model)
+            models.append(_Model(adapter, FeatureCache.open(root, adapter.info.fingerprint, key, seed), keys,
+                                 unique))
         pending = list(models)
         while pending:  # one engine pass per set of models that lack the same rows
             for model in pending:  # as of now: an earlier pass may have filled a cache they share
                 cached = model.cache.load(model.wanted, names)
-                model.todo = [record for row, record in model.unique if row not in cached]
+                model.todo = [(row, record) for row, record in model.unique if row not in cached]
+                if model.hits is None:  # the first look, before any pass
+                    model.hits = len(cached)
                 log.info("feature cache %s: %d hit(s), %d miss(es)", model.cache.root,
                          len(model.unique) - len(model.todo), len(model.todo))
             group: list[_Model] = []
@@ -613,8 +617,7 @@ def extract_models(
 
 
 def _rows(model: _Model) -> list[str]:
-    conditioning = model.adapter.info.conditioning
-    return [_row_key(record, conditioning) for record in model.todo]
+    return [row for row, _ in model.todo]
 
 
 def _pass(group: list[_Model], names, config, seed, o: ExtractionOptions, accelerator, precision, channels_last,
@@ -622,7 +625,7 @@ def _pass(group: list[_Model], names, config, seed, o: ExtractionOptions, accele
     """One engine pass of `group`'s models over their (equal) missing rows; its wall time is split between the
     models by their compute time."""
     started = time.perf_counter()
-    todo = group[0].todo
+    todo = [record for _, record in group[0].todo]
     session = _session_id(todo, names, group[0].adapter.info.conditioning)
     with contextlib.ExitStack() as stack:
         for model in group:
